@@ -1,0 +1,262 @@
+"""A torch ``Dataset`` over a PROBA-V root: splits, frame selection, patches, and a scene cache.
+
+Samples are dicts (float32, values in [0, 1]):
+
+- ``lr`` ``(T,h,w)``: the selected frames, uint16 / 65535;
+- ``lr_mask`` ``(T,h,w)``: their quality maps, 1 = clear;
+- ``hr`` ``(1,H,W)`` and ``hr_mask`` ``(1,H,W)``: target and status map (``hr`` absent for test
+  scenes, ``hr_mask`` absent where the scene has no SM.png);
+- ``name`` (``"imgsetNNNN"``), ``band`` (``"NIR"``/``"RED"``), ``index`` (scene index, int).
+
+Decoded scenes are cached on disk as ``.npz`` next to a signature of the source files (size and
+modification time of every PNG), so a scene is decoded from PNG once and again only when a file
+of it changes; the cache also stores each frame's clearance (its fraction of clear pixels).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .io import BANDS, SCALE, DataError, DatasetNotFoundError, list_scenes, read_scene
+
+__all__ = ["ProbaVDataset", "split_scenes", "select_frames", "scene_signature", "load_scene_cached",
+           "VAL_FRACTION", "VAL_SEED", "SELECTIONS"]
+
+VAL_FRACTION = 0.1  # share of train/ scenes held out per band when the root has no val/
+VAL_SEED = 0  # the carve is a seeded permutation of the sorted scene names: the same on every machine
+SELECTIONS = ("clearest", "weighted", "coverage", "all")
+
+
+def split_scenes(root: str | os.PathLike, split: str, band: str,
+                 val_fraction: float = VAL_FRACTION, seed: int = VAL_SEED) -> list[Path]:
+    """Scene folders of one split and band.
+
+    ``train``/``val`` use ``root/val`` when it exists. Without it, ``val`` is ``ceil(val_fraction*n)``
+    scenes of ``root/train/band`` picked by a permutation seeded with ``seed`` and ``train`` is the
+    rest, so the two never overlap.
+    """
+    root = Path(root)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be one of train, val, test; got {split!r}")
+    if band not in BANDS:
+        raise ValueError(f"band must be one of {', '.join(BANDS)}; got {band!r}")
+    if split == "test" or (root / "val").is_dir():
+        return list_scenes(root, split, band)
+    scenes = list_scenes(root, "train", band)
+    n_val = math.ceil(val_fraction * len(scenes))
+    order = np.random.default_rng(seed).permutation(len(scenes))
+    val_idx = set(order[:n_val].tolist())
+    picked = [s for i, s in enumerate(scenes) if (i in val_idx) == (split == "val")]
+    if not picked:
+        raise DataError(f"{root / 'train' / band}: the {split} split carved with val_fraction={val_fraction} "
+                        f"is empty ({len(scenes)} scenes in train/)")
+    return picked
+
+
+def scene_signature(path: Path) -> str:
+    """A digest of the names, sizes and modification times of a scene's PNG files."""
+    h = hashlib.sha1()
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".png"):
+            st = os.stat(path / f)
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def load_scene_cached(path: Path, cache_dir: Path | None) -> dict:
+    """:func:`data.io.read_scene` plus ``clearance`` (``(T,)`` float64), through the disk cache.
+
+    The cache file is keyed by the scene's path and holds the signature of its files: a changed,
+    added or removed PNG makes the entry stale and the scene is decoded again.
+    """
+    path = Path(path)
+    if cache_dir is None:
+        scene = read_scene(path)
+        scene["clearance"] = scene["qm"].mean((1, 2))
+        return scene
+    sig = scene_signature(path)
+    key = f"{path.parent.name}_{path.name}_{zlib.crc32(str(path.resolve()).encode()):08x}.npz"
+    cfile = Path(cache_dir) / key
+    if cfile.exists():
+        try:
+            with np.load(cfile, allow_pickle=False) as z:
+                if str(z["signature"]) == sig:
+                    return {"name": path.name, "band": path.parent.name, "lr": z["lr"], "qm": z["qm"],
+                            "hr": z["hr"] if z["has_hr"] else None, "sm": z["sm"] if z["has_sm"] else None,
+                            "clearance": z["clearance"]}
+        except (OSError, KeyError, ValueError):
+            pass  # a damaged cache entry is rebuilt below
+    scene = read_scene(path)
+    scene["clearance"] = scene["qm"].mean((1, 2))
+    cfile.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cfile.with_suffix(f".tmp{os.getpid()}.npz")
+    empty = np.zeros((0,), np.uint8)
+    np.savez(tmp, signature=sig, lr=scene["lr"], qm=scene["qm"], clearance=scene["clearance"],
+             hr=scene["hr"] if scene["hr"] is not None else empty, has_hr=scene["hr"] is not None,
+             sm=scene["sm"] if scene["sm"] is not None else empty, has_sm=scene["sm"] is not None)
+    os.replace(tmp, cfile)  # atomic: a concurrent reader sees the old entry or the new one
+    return scene
+
+
+def select_frames(qm: np.ndarray, k: int, strategy: str, rng: np.random.Generator | None = None,
+                  sm: np.ndarray | None = None, beta: float = 50.0, trials: int = 500,
+                  clearance: np.ndarray | None = None) -> np.ndarray:
+    """Indices of ``k`` frames of a scene (repeats where it has fewer than ``k``).
+
+    Args:
+        qm: ``(T,h,w)`` bool quality maps.
+        k: frames wanted (``strategy="all"`` ignores it and returns every frame).
+        strategy: ``"clearest"`` the k clearest (stable order, padding by repeating the clearest);
+            ``"weighted"`` k drawn without replacement with probability ``exp(beta * c / max c)``
+            (QA-Net's training sampler; ``rng`` required); ``"coverage"`` the k frames that maximise
+            the worst-case count of clear observations over the LR pixels whose HR footprint has a
+            clear pixel (sum of the 10 smallest counts, best of ``trials`` seeded draws plus the
+            k clearest, as QA-Net's authors chose val/test frames).
+        sm: ``(3h,3w)`` HR status map for ``"coverage"`` (all clear if None).
+        clearance: ``(T,)`` per-frame clear fraction, computed from ``qm`` if None.
+    """
+    T = qm.shape[0]
+    c = qm.mean((1, 2)) if clearance is None else np.asarray(clearance, dtype=np.float64)
+    order = np.argsort(-c, kind="stable")
+    if strategy == "all":
+        return np.arange(T)
+    if strategy == "clearest":
+        idx = order[:k]
+    elif strategy == "weighted":
+        if rng is None:
+            raise ValueError("select_frames: strategy 'weighted' needs an rng")
+        cmax = c.max() if c.max() > 0 else 1.0
+        logits = beta * (c / cmax - 1.0)  # shifted by the max: exp never overflows
+        p = np.exp(logits)
+        p /= p.sum()
+        idx = rng.choice(T, size=min(k, T), replace=False, p=p)
+    elif strategy == "coverage":
+        rng = rng if rng is not None else np.random.default_rng(0)
+        h, w = qm.shape[1:]
+        if sm is None:
+            keep = np.ones(h * w, bool)
+        else:
+            keep = sm.reshape(h, SCALE, w, SCALE).any((1, 3)).reshape(-1)
+        q = qm.reshape(T, -1)[:, keep].astype(np.int32)  # (T, P)
+        if T <= k or q.shape[1] == 0:
+            idx = order[:k]
+        else:
+            cand = np.stack([order[:k]] + [rng.choice(T, size=k, replace=False) for _ in range(trials)])
+            onehot = np.zeros((len(cand), T), np.int32)
+            np.put_along_axis(onehot, cand, 1, axis=1)
+            counts = onehot @ q  # (trials+1, P): clear observations per kept LR pixel
+            m = min(10, counts.shape[1])
+            worst = np.partition(counts, m - 1, axis=1)[:, :m].sum(1)
+            # ties go to the larger total clearance, then to the earlier (clearest-first) candidate
+            total = (onehot * c[None]).sum(1)
+            best = np.lexsort((np.arange(len(cand)), -total, -worst))[0]
+            idx = np.sort(cand[best])
+    else:
+        raise ValueError(f"unknown frame selection {strategy!r}; choose from {', '.join(SELECTIONS)}")
+    if len(idx) < k:
+        idx = np.concatenate([idx, np.full(k - len(idx), order[0])])
+    return np.asarray(idx)
+
+
+class ProbaVDataset(Dataset):
+    """Scenes of one split and one or both bands of a PROBA-V root.
+
+    Args:
+        root: dataset root (holds ``train/``, optionally ``val/``, ``test/``, ``norm.csv``).
+        split: ``train``, ``val`` or ``test``.
+        bands: ``"NIR"``, ``"RED"``, ``"all"`` or a sequence of bands.
+        n_frames: frames per sample (k).
+        selection: one of :data:`SELECTIONS` (see :func:`select_frames`).
+        patch_size: LR patch side for random training crops; None gives full scenes.
+        min_clear: a patch whose HR clear fraction is below this is redrawn (up to 50 times).
+        beta: temperature of the ``weighted`` selection.
+        seed: base seed; sample ``i`` of epoch ``e`` draws from ``(seed, e, i)`` so a run is
+            reproducible whatever the worker count (set the epoch with :meth:`set_epoch`).
+        cache_dir: on-disk decode cache (None: decode PNGs on every construction).
+        val_fraction, val_seed: the carve of ``val`` from ``train`` when the root has no ``val/``.
+        progress: show a tqdm bar while scenes load.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", bands: str | tuple = "all",
+                 n_frames: int = 9, selection: str = "clearest", patch_size: int | None = None,
+                 min_clear: float = 0.0, beta: float = 50.0, seed: int = 0,
+                 cache_dir: str | os.PathLike | None = None, val_fraction: float = VAL_FRACTION,
+                 val_seed: int = VAL_SEED, progress: bool = True):
+        root = Path(root)
+        if not root.is_dir():
+            # the same message as the reader's: how to get the data, how to run the demo
+            list_scenes(root, split, "NIR")
+        if selection not in SELECTIONS:
+            raise ValueError(f"unknown frame selection {selection!r}; choose from {', '.join(SELECTIONS)}")
+        bands = BANDS if bands == "all" else ((bands,) if isinstance(bands, str) else tuple(bands))
+        self.root, self.split, self.bands = root, split, bands
+        self.n_frames, self.selection, self.patch_size = n_frames, selection, patch_size
+        self.min_clear, self.beta, self.seed, self.epoch = min_clear, beta, seed, 0
+        paths = [p for b in bands for p in split_scenes(root, split, b, val_fraction, val_seed)]
+        if not paths:
+            raise DatasetNotFoundError(f"{root}: no scene in split {split!r} for bands {bands}")
+        cache = Path(cache_dir) if cache_dir is not None else None
+        it = tqdm(paths, desc=f"loading {split} scenes", disable=not progress, leave=False)
+        self.scenes = [load_scene_cached(p, cache) for p in it]
+        if split != "test":
+            for s, p in zip(self.scenes, paths):
+                if s["hr"] is None:
+                    raise DataError(f"{p / 'HR.png'}: missing in a {split} scene")
+        self.names = [s["name"] for s in self.scenes]
+        self._fixed_frames: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make random draws depend on the epoch (call before each training epoch)."""
+        self.epoch = epoch
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def frames_for(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        s = self.scenes[index]
+        if self.selection in ("clearest", "coverage", "all"):  # deterministic: computed once
+            if index not in self._fixed_frames:
+                self._fixed_frames[index] = select_frames(
+                    s["qm"], self.n_frames, self.selection, np.random.default_rng([self.seed, index]),
+                    sm=s["sm"], beta=self.beta, clearance=s["clearance"])
+            return self._fixed_frames[index]
+        return select_frames(s["qm"], self.n_frames, self.selection, rng, sm=s["sm"], beta=self.beta,
+                             clearance=s["clearance"])
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.scenes[index]
+        rng = self._rng(index)
+        idx = self.frames_for(index, rng)
+        lr, qm, hr, sm = s["lr"][idx], s["qm"][idx], s["hr"], s["sm"]
+        if self.patch_size is not None:
+            p = self.patch_size
+            size = lr.shape[-1]
+            if p > size:
+                raise ValueError(f"patch_size={p} exceeds the LR size {size}")
+            for _ in range(50):
+                y, x = rng.integers(0, size - p + 1, size=2)
+                hsm = sm[SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if sm is not None else None
+                if hsm is None or self.min_clear <= 0 or hsm.mean() >= self.min_clear:
+                    break
+            lr, qm = lr[:, y:y + p, x:x + p], qm[:, y:y + p, x:x + p]
+            hr = hr[SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if hr is not None else None
+            sm = hsm
+        out = {"lr": torch.from_numpy(lr.astype(np.float32) / 65535.0),
+               "lr_mask": torch.from_numpy(qm.astype(np.float32)),
+               "name": s["name"], "band": s["band"], "index": index}
+        if hr is not None:
+            out["hr"] = torch.from_numpy(hr.astype(np.float32) / 65535.0)[None]
+        if sm is not None:
+            out["hr_mask"] = torch.from_numpy(sm.astype(np.float32))[None]
+        return out

@@ -1,0 +1,1 @@
+"""Metrics, losses and small torch helpers shared by training, validation and prediction."""

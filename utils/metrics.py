@@ -1,0 +1,218 @@
+"""The Kelvin competition metrics: cPSNR, cSSIM and the normalised score, batched in pure torch.
+
+Definitions (ESA Kelvin PROBA-V challenge). Images are in [0, 1] (uint16 / 65535). The SR image is
+cropped by ``border`` pixels on each side; for each of the ``(2*border+1)**2`` offsets ``(u, v)``
+the HR image and its status map are cropped at ``(u, v)`` to the same size. Over the clear pixels
+of that crop, the brightness bias ``b = mean(HR - SR)`` is removed and
+``cMSE = mean((HR - SR - b)**2)``; ``cPSNR = -10 log10(cMSE)``. The score of a scene is the
+maximum cPSNR over the offsets.
+
+One core, :func:`registered_stats`, computes the clear-pixel count, the bias and the cMSE for all
+offsets at once. It never loops over offsets or images: the masked sums over every shifted window
+are cross-correlations, computed with real FFTs (for the terms that involve SR) and integral
+images (for the terms that involve only HR and its mask). Everything runs in float64 internally,
+whatever the input dtype, because cMSE is a small difference of large sums (a float32 core loses
+about 0.01 dB). The cPSNR, the cSSIM, and every registered loss in :mod:`utils.losses` start from
+this core, so evaluation and training see the same definition.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["RegisteredStats", "registered_stats", "cpsnr", "cssim", "kelvin_score", "has_clear", "shifted_windows"]
+
+
+class RegisteredStats(NamedTuple):
+    """Per-offset statistics; every tensor is float64 ``(B, S, S)`` with ``S = 2*border + 1``.
+
+    ``n``: clear pixels in the HR window at offset (u, v). ``bias``: mean(HR - SR) over them
+    (0 where ``n == 0``). ``cmse``: the bias-corrected clear MSE (``inf`` where ``n == 0``).
+    """
+
+    n: torch.Tensor
+    bias: torch.Tensor
+    cmse: torch.Tensor
+
+
+def _as_bhw(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() == 4:
+        if x.shape[1] != 1:
+            raise ValueError(f"{name}: expected (B,1,H,W) or (B,H,W), got {tuple(x.shape)}")
+        x = x[:, 0]
+    if x.dim() != 3:
+        raise ValueError(f"{name}: expected (B,1,H,W) or (B,H,W), got {tuple(x.shape)}")
+    return x
+
+
+def _check_inputs(sr, hr, hr_mask, border):
+    sr, hr, hr_mask = _as_bhw(sr, "sr"), _as_bhw(hr, "hr"), _as_bhw(hr_mask, "hr_mask")
+    if not (sr.shape == hr.shape == hr_mask.shape):
+        raise ValueError(f"sr, hr and hr_mask must share a shape, got {tuple(sr.shape)}, "
+                         f"{tuple(hr.shape)}, {tuple(hr_mask.shape)}")
+    if border < 0 or 2 * border >= min(sr.shape[-2:]):
+        raise ValueError(f"border={border} leaves nothing of a {tuple(sr.shape[-2:])} image")
+    return sr, hr, hr_mask
+
+
+def _window_sums(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Sums of ``x (B,H,W)`` over every ``h x w`` window at offsets (u, v) -> ``(B,H-h+1,W-w+1)``."""
+    c = F.pad(x, (1, 0, 1, 0)).cumsum(-1).cumsum(-2)
+    return c[:, h:, w:] - c[:, :-h, w:] - c[:, h:, :-w] + c[:, :-h, :-w]
+
+
+def _correlate(a: torch.Tensor, k: torch.Tensor, s: int) -> torch.Tensor:
+    """``out[..., u, v] = sum_ij a[..., u+i, v+j] * k[..., i, j]`` for ``u, v < s``, via real FFTs.
+
+    ``a (..., H, W)``, ``k (..., h, w)`` with ``h + s - 1 <= H``: no circular wrap reaches the result.
+    """
+    H, W = a.shape[-2:]
+    fa = torch.fft.rfft2(a, s=(H, W))
+    fk = torch.fft.rfft2(k, s=(H, W))
+    return torch.fft.irfft2(fa * fk.conj(), s=(H, W))[..., :s, :s]
+
+
+def registered_stats(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor,
+                     border: int = 3) -> RegisteredStats:
+    """Clear count, brightness bias and cMSE of ``sr`` against ``hr`` at every offset.
+
+    Args:
+        sr: ``(B,H,W)`` or ``(B,1,H,W)`` float in [0, 1], the super-resolved image (full size;
+            it is cropped by ``border`` here).
+        hr: same shape, the target in [0, 1].
+        hr_mask: same shape, bool or {0,1}: True where the HR pixel is clear.
+        border: crop of SR on each side; offsets run over ``0..2*border`` in both axes.
+
+    Returns:
+        :class:`RegisteredStats` of float64 ``(B, 2*border+1, 2*border+1)`` tensors; differentiable
+        with respect to ``sr`` (and ``hr``).
+    """
+    sr, hr, hr_mask = _check_inputs(sr, hr, hr_mask, border)
+    H, W = sr.shape[-2:]
+    s = 2 * border + 1
+    h, w = H - 2 * border, W - 2 * border
+    m = hr_mask.to(torch.float64)
+    hr = hr.to(torch.float64)
+    sr = sr[:, border:H - border, border:W - border].to(torch.float64)
+    # Removing constants from HR and SR changes no bias-corrected error but keeps the large
+    # sums below small, which is what makes the difference of sums accurate.
+    c_hr = (m * hr).sum((-2, -1), keepdim=True) / m.sum((-2, -1), keepdim=True).clamp_min(1)
+    c_sr = sr.mean((-2, -1), keepdim=True)
+    hr, sr = hr - c_hr, sr - c_sr
+    mh = m * hr
+
+    n = _window_sums(m, h, w)
+    sum_h = _window_sums(mh, h, w)
+    sum_hh = _window_sums(mh * hr, h, w)
+    # One batched FFT pass for the three SR terms: sum m*sr, sum m*sr^2 and sum m*hr*sr.
+    corr = _correlate(torch.stack([m, m, mh], 1), torch.stack([sr, sr * sr, sr], 1), s)
+    sum_s, sum_ss, sum_hs = corr.unbind(1)
+
+    clear = n > 0
+    n_safe = n.clamp_min(1)
+    sum_d = sum_h - sum_s
+    sq = (sum_hh - 2 * sum_hs + sum_ss - sum_d * sum_d / n_safe).clamp_min(0)
+    bias = torch.where(clear, sum_d / n_safe + (c_hr - c_sr), torch.zeros_like(n))
+    cmse = torch.where(clear, sq / n_safe, torch.full_like(n, float("inf")))
+    return RegisteredStats(n=n, bias=bias, cmse=cmse)
+
+
+def has_clear(hr_mask: torch.Tensor, border: int = 3) -> torch.Tensor:
+    """``(B,)`` bool: whether any offset window of the status map holds a clear pixel.
+
+    A scene without one has no defined cPSNR; evaluation reports and skips it.
+    """
+    m = _as_bhw(hr_mask, "hr_mask").to(torch.float64)
+    H, W = m.shape[-2:]
+    return _window_sums(m, H - 2 * border, W - 2 * border).flatten(1).amax(1) > 0
+
+
+def cpsnr(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, border: int = 3) -> torch.Tensor:
+    """Official Kelvin cPSNR in dB, one value per image.
+
+    Args:
+        sr, hr: ``(B,H,W)`` or ``(B,1,H,W)`` float in [0, 1] (any H, W > 2*border, any device).
+        hr_mask: same shape, bool or {0,1}, True = clear.
+        border: SR crop; 3 for the competition (49 offsets).
+
+    Returns:
+        ``(B,)`` tensor in the dtype of ``sr`` (float64 core). NaN for an image whose status map
+        has no clear pixel in any window (check with :func:`has_clear`); differentiable.
+    """
+    stats = registered_stats(sr, hr, hr_mask, border)
+    best = stats.cmse.flatten(1).amin(1)
+    out = -10.0 * torch.log10(best)
+    out = torch.where(torch.isinf(best), torch.full_like(out, float("nan")), out)
+    return out.to(sr.dtype if sr.is_floating_point() else torch.float64)
+
+
+def shifted_windows(x: torch.Tensor, border: int = 3) -> torch.Tensor:
+    """All offset crops of ``x (B,H,W)`` as a view ``(B, S*S, H-2b, W-2b)``, offsets row-major.
+
+    ``out[:, u*S + v] == x[:, u:u+H-2b, v:v+W-2b]``. Used where a loss or metric is not a sum of
+    products (L1, SSIM) and must see the pixels of every offset.
+    """
+    x = _as_bhw(x, "x")
+    H, W = x.shape[-2:]
+    s = 2 * border + 1
+    v = x.unfold(1, H - 2 * border, 1).unfold(2, W - 2 * border, 1)  # (B, S, S, h, w)
+    return v.reshape(x.shape[0], s * s, H - 2 * border, W - 2 * border)
+
+
+def _ssim_map_mean(x: torch.Tensor, y: torch.Tensor, win: int, data_range: float) -> torch.Tensor:
+    """Mean SSIM over the valid region of ``x, y (N,h,w)``, as skimage's default (uniform window,
+    sample covariance, K1=0.01, K2=0.03) -> ``(N,)``."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    np_ = win * win
+    cov_norm = np_ / (np_ - 1)
+    stack = torch.stack([x, y, x * x, y * y, x * y], 1)
+    mu_x, mu_y, xx, yy, xy = F.avg_pool2d(stack, win, stride=1).unbind(1)
+    vx = cov_norm * (xx - mu_x * mu_x)
+    vy = cov_norm * (yy - mu_y * mu_y)
+    vxy = cov_norm * (xy - mu_x * mu_y)
+    s = ((2 * mu_x * mu_y + c1) * (2 * vxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+def cssim(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, border: int = 3,
+          win_size: int = 11, data_range: float = 1.0) -> torch.Tensor:
+    """Shift-aware, brightness-corrected SSIM as the QA-Net authors report it.
+
+    For each offset (u, v): the HR crop and SR crop are both multiplied by the clear mask, the SR
+    crop is shifted by that offset's bias (from :func:`registered_stats`), and SSIM is computed
+    with skimage's defaults (11x11 uniform window). The score is the maximum over offsets.
+
+    Args: as :func:`cpsnr`; ``data_range`` is the dynamic range of [0, 1] images.
+
+    Returns:
+        ``(B,)`` in the dtype of ``sr``; NaN where the status map has no clear pixel.
+    """
+    stats = registered_stats(sr, hr, hr_mask, border)
+    sr, hr, hr_mask = _check_inputs(sr, hr, hr_mask, border)
+    H, W = sr.shape[-2:]
+    s2 = (2 * border + 1) ** 2
+    out = []
+    for i in range(sr.shape[0]):  # one scene at a time bounds memory at 49 crops
+        m = shifted_windows(hr_mask[i:i + 1].to(torch.float64), border)[0]
+        y = shifted_windows(hr[i:i + 1].to(torch.float64), border)[0] * m
+        x = sr[i, border:H - border, border:W - border].to(torch.float64)
+        x = (x + stats.bias[i].reshape(s2, 1, 1)) * m
+        val = _ssim_map_mean(x, y, win_size, data_range)
+        val = torch.where(stats.n[i].reshape(s2) > 0, val, torch.full_like(val, -float("inf")))
+        best = val.amax()
+        out.append(torch.where(torch.isinf(best), torch.full_like(best, float("nan")), best))
+    return torch.stack(out).to(sr.dtype if sr.is_floating_point() else torch.float64)
+
+
+def kelvin_score(cpsnr_db: torch.Tensor, norm_db: torch.Tensor) -> torch.Tensor:
+    """Kelvin score ``mean(norm / cPSNR)`` over the scenes that have a cPSNR (lower is better;
+    the ESA baseline scores 1.0). Scenes with NaN cPSNR (no clear pixel) are left out.
+
+    Args: ``cpsnr_db (N,)`` and ``norm_db (N,)`` (the norm.csv baselines), in dB.
+    """
+    keep = ~torch.isnan(cpsnr_db)
+    if not bool(keep.any()):
+        raise ValueError("kelvin_score: no scene has a cPSNR (every status map is empty)")
+    return (norm_db[keep] / cpsnr_db[keep]).mean()
