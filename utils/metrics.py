@@ -58,20 +58,38 @@ def _check_inputs(sr, hr, hr_mask, border):
 
 
 def _window_sums(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Sums of ``x (B,H,W)`` over every ``h x w`` window at offsets (u, v) -> ``(B,H-h+1,W-w+1)``."""
-    c = F.pad(x, (1, 0, 1, 0)).cumsum(-1).cumsum(-2)
-    return c[:, h:, w:] - c[:, :-h, w:] - c[:, h:, :-w] + c[:, :-h, :-w]
+    """Sums of ``x (B,H,W)`` over every ``h x w`` window -> ``(B, H-h+1, W-w+1)``.
 
-
-def _correlate(a: torch.Tensor, k: torch.Tensor, s: int) -> torch.Tensor:
-    """``out[..., u, v] = sum_ij a[..., u+i, v+j] * k[..., i, j]`` for ``u, v < s``, via real FFTs.
-
-    ``a (..., H, W)``, ``k (..., h, w)`` with ``h + s - 1 <= H``: no circular wrap reaches the result.
+    Meant for few offsets (windows nearly as large as the image): a window's sum is the row sums
+    minus the thin strips outside it, so the cost is one pass over ``x`` plus the strips.
     """
-    H, W = a.shape[-2:]
-    fa = torch.fft.rfft2(a, s=(H, W))
-    fk = torch.fft.rfft2(k, s=(H, W))
-    return torch.fft.irfft2(fa * fk.conj(), s=(H, W))[..., :s, :s]
+    def along_last(a: torch.Tensor, n: int) -> torch.Tensor:
+        # window sums along the last axis: (..., L) -> (..., L - n + 1)
+        k = a.shape[-1] - n
+        total = a.sum(-1, keepdim=True)
+        if k == 0:
+            return total
+        left = F.pad(a[..., :k].cumsum(-1), (1, 0))  # sums of a[..., :v]
+        right = F.pad(a[..., n:].flip(-1).cumsum(-1).flip(-1), (0, 1))  # sums of a[..., v+n:]
+        return total - left - right
+
+    return along_last(along_last(x, w).transpose(-1, -2), h).transpose(-1, -2)
+
+
+def _dft_rows_cols(H: int, W: int, rows: range, cols: range, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matrices evaluating a real 2-D inverse DFT (of a half spectrum) at ``rows x cols`` only."""
+    r = torch.arange(H, device=device, dtype=dtype)
+    k = torch.arange(W // 2 + 1, device=device, dtype=dtype)
+    u = torch.tensor(list(rows), device=device, dtype=dtype)
+    v = torch.tensor(list(cols), device=device, dtype=dtype)
+    e_rows = torch.polar(torch.ones(len(u), H, dtype=dtype, device=device), 2 * torch.pi * u[:, None] * r / H)
+    # the half spectrum stands for its conjugate twin: weight 2 except the DC and Nyquist columns
+    weight = torch.full_like(k, 2.0)
+    weight[0] = 1.0
+    if W % 2 == 0:
+        weight[-1] = 1.0
+    e_cols = torch.polar((weight / (H * W))[:, None].expand(-1, len(v)), 2 * torch.pi * k[:, None] * v / W)
+    return e_rows, e_cols
 
 
 def registered_stats(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor,
@@ -90,25 +108,37 @@ def registered_stats(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor,
         with respect to ``sr`` (and ``hr``).
     """
     sr, hr, hr_mask = _check_inputs(sr, hr, hr_mask, border)
-    H, W = sr.shape[-2:]
+    B, H, W = sr.shape
     s = 2 * border + 1
     h, w = H - 2 * border, W - 2 * border
-    m = hr_mask.to(torch.float64)
-    hr = hr.to(torch.float64)
-    sr = sr[:, border:H - border, border:W - border].to(torch.float64)
-    # Removing constants from HR and SR changes no bias-corrected error but keeps the large
-    # sums below small, which is what makes the difference of sums accurate.
-    c_hr = (m * hr).sum((-2, -1), keepdim=True) / m.sum((-2, -1), keepdim=True).clamp_min(1)
-    c_sr = sr.mean((-2, -1), keepdim=True)
-    hr, sr = hr - c_hr, sr - c_sr
+    f64 = torch.float64
+    m = hr_mask.to(f64)
+    hr = hr.to(f64)
+    sr = sr[:, border:H - border, border:W - border].to(f64)
+    # Centring HR and SR (by their clear / global means) changes no bias-corrected error but keeps
+    # the sums small, so their final difference keeps its digits. HR is centred after the fact
+    # (the sums are linear in it); SR while it is padded, a copy the FFT needs anyway.
     mh = m * hr
-
+    mhh = mh * hr
     n = _window_sums(m, h, w)
-    sum_h = _window_sums(mh, h, w)
-    sum_hh = _window_sums(mh * hr, h, w)
-    # One batched FFT pass for the three SR terms: sum m*sr, sum m*sr^2 and sum m*hr*sr.
-    corr = _correlate(torch.stack([m, m, mh], 1), torch.stack([sr, sr * sr, sr], 1), s)
-    sum_s, sum_ss, sum_hs = corr.unbind(1)
+    c_hr = mh.sum((-2, -1), keepdim=True) / m.sum((-2, -1), keepdim=True).clamp_min(1)
+    c_sr = sr.mean((-2, -1), keepdim=True)
+    raw_h = _window_sums(mh, h, w)
+    sum_h = raw_h - c_hr * n
+    sum_hh = _window_sums(mhh, h, w) - 2 * c_hr * raw_h + c_hr * c_hr * n
+
+    # The SR terms are cross-correlations with the HR side, by FFT: spectra of m and m*hr, and of
+    # the centred SR crop and its square, both zero-padded to (H, W) in one (B,2,H,W) buffer.
+    # The inverse transform is evaluated only at the 49 offsets.
+    sr_side = sr.new_zeros(B, 2, H, W)
+    sr_c = sr - c_sr
+    sr_side[:, 0, :h, :w] = sr_c
+    sr_side[:, 1, :h, :w] = sr_c * sr_c
+    f_sr = torch.fft.rfft2(sr_side).conj().resolve_conj()
+    f_m, f_mh = torch.fft.rfft2(m), torch.fft.rfft2(mh)
+    e_rows, e_cols = _dft_rows_cols(H, W, range(s), range(s), sr.device, f64)
+    sum_s, sum_ss = (e_rows @ (f_m[:, None] * f_sr) @ e_cols).real.unbind(1)
+    sum_hs = (e_rows @ (f_mh * f_sr[:, 0]) @ e_cols).real - c_hr * sum_s
 
     clear = n > 0
     n_safe = n.clamp_min(1)
@@ -161,14 +191,22 @@ def shifted_windows(x: torch.Tensor, border: int = 3) -> torch.Tensor:
     return v.reshape(x.shape[0], s * s, H - 2 * border, W - 2 * border)
 
 
+def _box_mean(x: torch.Tensor, win: int) -> torch.Tensor:
+    """Means of ``x (..., h, w)`` over every ``win x win`` window (valid region) by running sums:
+    a few operations per pixel, whatever the window (an 11x11 pooling costs 121)."""
+    c = F.pad(x.cumsum(-1), (1, 0))
+    x = c[..., win:] - c[..., :-win]
+    c = F.pad(x.cumsum(-2), (0, 0, 1, 0))
+    return (c[..., win:, :] - c[..., :-win, :]) / (win * win)
+
+
 def _ssim_map_mean(x: torch.Tensor, y: torch.Tensor, win: int, data_range: float) -> torch.Tensor:
     """Mean SSIM over the valid region of ``x, y (N,h,w)``, as skimage's default (uniform window,
     sample covariance, K1=0.01, K2=0.03) -> ``(N,)``."""
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     np_ = win * win
     cov_norm = np_ / (np_ - 1)
-    stack = torch.stack([x, y, x * x, y * y, x * y], 1)
-    mu_x, mu_y, xx, yy, xy = F.avg_pool2d(stack, win, stride=1).unbind(1)
+    mu_x, mu_y, xx, yy, xy = (_box_mean(t, win) for t in (x, y, x * x, y * y, x * y))
     vx = cov_norm * (xx - mu_x * mu_x)
     vy = cov_norm * (yy - mu_y * mu_y)
     vxy = cov_norm * (xy - mu_x * mu_y)
