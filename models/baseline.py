@@ -46,8 +46,8 @@ def bicubic_upscale(img: np.ndarray | torch.Tensor, scale: int = 3) -> np.ndarra
     h, w = img.shape[-2:]
     mh, mw = bicubic_matrix(h, scale), bicubic_matrix(w, scale)
     if isinstance(img, torch.Tensor):
-        mh_t = torch.as_tensor(mh, device=img.device)
-        mw_t = torch.as_tensor(mw, device=img.device)
+        mh_t = torch.tensor(mh, device=img.device)
+        mw_t = torch.tensor(mw, device=img.device)
         return mh_t @ img.to(torch.float64) @ mw_t.T
     return mh @ np.asarray(img, dtype=np.float64) @ mw.T
 
@@ -80,9 +80,12 @@ class ESABaseline(torch.nn.Module):
     (repeated) frames do not change the result: a repeat of a clearest frame keeps the mean.
     """
 
+    has_uncertainty = False
+
     def __init__(self, scale: int = 3):
         super().__init__()
         self.scale = scale
+        self.kwargs = dict(scale=scale)
 
     def forward(self, lr: torch.Tensor, lr_mask: torch.Tensor) -> torch.Tensor:
         clear = lr_mask.flatten(2).sum(-1)  # (B,T)
@@ -90,3 +93,7 @@ class ESABaseline(torch.nn.Module):
         up = bicubic_upscale(lr, self.scale)  # (B,T,3h,3w) float64
         sr = (up * pick[..., None, None]).sum(1) / pick.sum(1)[:, None, None]
         return sr.clamp(0, 1).unsqueeze(1).to(lr.dtype)
+
+    def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor) -> dict:
+        """The common interface: ``{"sr": (B,1,3h,3w)}`` in [0,1]."""
+        return {"sr": self(lr, lr_mask)}

@@ -1,0 +1,93 @@
+"""Building blocks shared by QA-Net and PIUnet, on a frame-batched layout.
+
+Both networks work on a stack of frames per scene. The authors keep features as 5-D tensors
+``(B, C, T, H, W)`` and move between that, ``(B*T, C, H, W)`` and ``(T, B*H*W, C)`` with many
+reshapes. Here features stay ``(B*T, C, H, W)`` throughout: a ``1x3x3`` 3-D convolution is then a
+plain 2-D convolution, a BatchNorm3d over channels is a BatchNorm2d, and only the attention over
+the frame axis needs a transposed copy. Parameter names and shapes are those of the authors'
+modules, so their checkpoints load unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class FrameConv(nn.Module):
+    """The authors' ``Conv3d(c_in, c_out, [1,3,3], padding=[0,1,1])``, applied as a 2-D convolution.
+
+    Parameters keep the 3-D shape ``(c_out, c_in, 1, 3, 3)`` (checkpoint compatibility).
+    ``forward(x (N, c_in, H, W)) -> (N, c_out, H, W)``.
+    """
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        ref = nn.Conv3d(c_in, c_out, (1, 3, 3), padding=(0, 1, 1))  # for the default initialisation
+        self.weight = nn.Parameter(ref.weight.detach().clone())
+        self.bias = nn.Parameter(ref.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight[:, :, 0], self.bias, padding=1)
+
+
+class FrameAttention(nn.Module):
+    """Multi-head attention across the frames of each pixel, with ``nn.MultiheadAttention``'s
+    parameters (``in_proj_weight (3C,C)``, ``in_proj_bias``, ``out_proj``) and numerics.
+
+    Unlike ``nn.MultiheadAttention`` it never computes the averaged attention weights, and it works
+    directly on frame-batched features: ``forward(query (B*T,C,H,W), key_value (B*T,C,H,W) or
+    None for self-attention, frames=T) -> (B*T,C,H,W)``. No positional encoding: permuting the
+    frames permutes the output the same way.
+    """
+
+    def __init__(self, channels: int, heads: int = 1):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"channels={channels} is not divisible by heads={heads}")
+        ref = nn.MultiheadAttention(channels, heads, bias=True)  # for the default initialisation
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(ref.in_proj_weight.detach().clone())
+        self.in_proj_bias = nn.Parameter(ref.in_proj_bias.detach().clone())
+        self.out_proj = nn.Linear(channels, channels)
+        self.out_proj.load_state_dict(ref.out_proj.state_dict())
+
+    @staticmethod
+    def _to_seq(x: torch.Tensor, frames: int) -> torch.Tensor:
+        # (B*T, C, H, W) -> (B*H*W, T, C): one sequence of T frames per pixel
+        bt, c, h, w = x.shape
+        return x.view(bt // frames, frames, c, h * w).permute(0, 3, 1, 2).reshape(-1, frames, c)
+
+    def forward(self, query: torch.Tensor, key_value: torch.Tensor | None = None, frames: int = 1) -> torch.Tensor:
+        bt, c, h, w = query.shape
+        if bt % frames:
+            raise ValueError(f"FrameAttention: {bt} frames in the batch is not a multiple of T={frames}")
+        heads, d = self.heads, c // self.heads
+        q_in = self._to_seq(query, frames)
+        if key_value is None:
+            q, k, v = F.linear(q_in, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
+        else:
+            kv_in = self._to_seq(key_value, frames)
+            q = F.linear(q_in, self.in_proj_weight[:c], self.in_proj_bias[:c])
+            k, v = F.linear(kv_in, self.in_proj_weight[c:], self.in_proj_bias[c:]).chunk(2, -1)
+        n = q.shape[0]
+        q, k, v = (t.reshape(n, frames, heads, d).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, d); scale 1/sqrt(d) as MHA
+        out = self.out_proj(out.transpose(1, 2).reshape(n, frames, c))
+        # (B*H*W, T, C) -> (B*T, C, H, W)
+        return out.view(bt // frames, h * w, frames, c).permute(0, 2, 3, 1).reshape(bt, c, h, w)
+
+
+class FrameBatchNorm(nn.BatchNorm2d):
+    """The authors' ``BatchNorm3d(T)`` on ``(B, T, C, H, W)``: one statistic per frame index, over
+    the batch, the channels and the pixels. ``forward(x (B*T,C,H,W)) -> (B*T,C,H,W)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        bt, c, h, w = x.shape
+        t = self.num_features
+        if bt % t:
+            raise ValueError(f"this model was built for T={t} frames; got a batch of {bt} frames")
+        return super().forward(x.view(bt // t, t, c * h, w)).view(bt, c, h, w)
+
+
+__all__ = ["FrameConv", "FrameAttention", "FrameBatchNorm"]

@@ -1,0 +1,149 @@
+"""PIUnet: permutation-invariant, uncertainty-aware MISR (Valsesia & Magli, IEEE TGRS 2021).
+
+Frames are encoded by shared convolutions and self-attention across the frame axis (TEFA blocks:
+temporally-equivariant feature attention, with squeeze-and-excitation), registered by TERN (one
+predicted 5x5 filter per frame, applied to all of that frame's channels), averaged over frames
+(hence invariant to their order and to their number), and upscaled: the mean is the pixel-shuffled
+residual plus the mean of the bilinearly upscaled input frames; a second head predicts the
+log-scale ``s`` of a Laplace likelihood (the uncertainty).
+
+The core ``forward`` keeps the authors' numerics: frames standardised with :data:`RAW_MEAN` and
+:data:`RAW_STD` (raw uint16 units) in, ``(mu, s)`` in those standardised units out.
+:meth:`PIUnet.super_resolve` is the one place that maps frames in [0,1] to SR in [0,1] and the
+log-scale to [0,1] units, so training, validation and prediction never see the standardisation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import FrameAttention, FrameConv
+
+RAW_MEAN = 7433.6436  # the authors' standardisation of raw uint16 PROBA-V values
+RAW_STD = 2353.0723
+_FULL = 65535.0  # [0,1] units are raw / 65535
+
+
+def standardize(x01: torch.Tensor) -> torch.Tensor:
+    """Frames in [0,1] (raw/65535) -> the authors' standardised units."""
+    return (x01 * _FULL - RAW_MEAN) / RAW_STD
+
+
+def destandardize(x: torch.Tensor) -> torch.Tensor:
+    """Standardised units -> [0,1] units (raw/65535)."""
+    return (x * RAW_STD + RAW_MEAN) / _FULL
+
+
+def _frame_mean(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """``(B*T, C, H, W) -> (B, C, H, W)``: mean over the frames."""
+    bt, c, h, w = x.shape
+    return x.view(bt // frames, frames, c, h, w).mean(1)
+
+
+class TEFA(nn.Module):
+    """Two conv + frame-attention stages, channel squeeze-and-excitation, residual.
+    ``forward(h (B*T,C,H,W), frames) -> (B*T,C,H,W)``."""
+
+    def __init__(self, c: int, r_bneck: int, heads: int):
+        super().__init__()
+        self.conv0, self.norm00, self.tran0, self.norm0 = (FrameConv(c, c), nn.BatchNorm2d(c),
+                                                           FrameAttention(c, heads), nn.BatchNorm2d(c))
+        self.conv1, self.norm11, self.tran1, self.norm1 = (FrameConv(c, c), nn.BatchNorm2d(c),
+                                                           FrameAttention(c, heads), nn.BatchNorm2d(c))
+        self.lin0 = nn.Linear(c, c // r_bneck)
+        self.lin1 = nn.Linear(c // r_bneck, c)
+
+    def forward(self, h: torch.Tensor, frames: int) -> torch.Tensor:
+        h0 = h
+        h = F.leaky_relu(self.norm00(self.conv0(h)))
+        h = F.leaky_relu(self.norm0(h + self.tran0(h, None, frames)))
+        h = F.leaky_relu(self.norm11(self.conv1(h)))
+        h = self.norm1(h + self.tran1(h, None, frames))
+        bt, c = h.shape[:2]
+        z = h.view(bt // frames, frames, c, -1).mean((1, 3))  # (B, C): mean over frames and pixels
+        z = torch.sigmoid(self.lin1(F.leaky_relu(self.lin0(z))))
+        return h * z.repeat_interleave(frames, 0)[:, :, None, None] + h0
+
+
+class TERN(nn.Module):
+    """Registration: predicts a 5x5 filter per frame and applies it to every channel of that frame.
+    ``forward(h (B*T,C,H,W), frames) -> (B*T,C,H,W)``."""
+
+    def __init__(self, c: int, heads: int):
+        super().__init__()
+        self.conv0, self.norm00, self.tran0, self.norm0 = (FrameConv(c, c), nn.BatchNorm2d(c),
+                                                           FrameAttention(c, heads), nn.BatchNorm2d(c))
+        self.conv1 = nn.Conv1d(c, 25, 1)
+
+    def forward(self, h_in: torch.Tensor, frames: int) -> torch.Tensor:
+        bt, c, hh, ww = h_in.shape
+        h = F.leaky_relu(self.norm00(self.conv0(h_in)))
+        h = F.leaky_relu(self.norm0(h + self.tran0(h, None, frames)))
+        w = F.linear(h.mean((2, 3)), self.conv1.weight[:, :, 0], self.conv1.bias)  # (B*T, 25)
+        # one filter per frame, shared by its channels: a depthwise convolution over B*T*C maps
+        kernel = w.view(bt, 1, 5, 5).expand(bt, c, 5, 5).reshape(bt * c, 1, 5, 5)
+        out = F.conv2d(h_in.reshape(1, bt * c, hh, ww), kernel, padding=2, groups=bt * c)
+        return out.view(bt, c, hh, ww)
+
+
+class PIUnet(nn.Module):
+    """PIUnet.
+
+    Args (the authors' names in brackets; defaults are their published configuration):
+        n_feats (N_feat): feature channels. r_bneck (R_bneck): squeeze-and-excitation reduction.
+        n_tefa (N_tefa): TEFA blocks. n_heads (N_heads): attention heads. scale: upscaling (3).
+
+    ``forward(lrs (B,T,h,w) standardised) -> (mu, s)``, each ``(B,1,3h,3w)``: ``mu`` in standardised
+    units, ``s`` the log-scale of the Laplace likelihood in those units. Any ``T >= 1``; the output
+    does not depend on the order of the frames.
+    """
+
+    has_uncertainty = True
+
+    def __init__(self, n_feats: int = 42, r_bneck: int = 8, n_tefa: int = 16, n_heads: int = 1, scale: int = 3):
+        super().__init__()
+        self.kwargs = dict(n_feats=n_feats, r_bneck=r_bneck, n_tefa=n_tefa, n_heads=n_heads, scale=scale)
+        c, self.scale = n_feats, scale
+        self.conv_in = FrameConv(1, c)
+        self.tran_in = FrameAttention(c, n_heads)
+        self.norm00 = nn.BatchNorm2d(c)
+        self.norm0 = nn.BatchNorm2d(c)
+        self.res = nn.ModuleList([TEFA(c, r_bneck, n_heads) for _ in range(n_tefa)])
+        self.conv_mid = FrameConv(c, c)
+        self.tran_mid = FrameAttention(c, n_heads)
+        self.norm11 = nn.BatchNorm2d(c)
+        self.norm1 = nn.BatchNorm2d(c)
+        self.regnet = TERN(c, n_heads)
+        self.conv_d2s_mu = nn.Conv2d(c, scale * scale, 3, padding=1)
+        self.conv_d2s_sigma = nn.Conv2d(c, c, 3, padding=1)
+        self.conv_out_sigma = nn.Conv2d(c, 1, 1)
+        self.norm_sigma = nn.BatchNorm2d(c)
+
+    def _up(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+
+    def forward(self, lrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, h, w = lrs.shape
+        x = F.leaky_relu(self.norm00(self.conv_in(lrs.reshape(b * t, 1, h, w))))
+        x = self.norm0(x + self.tran_in(x, None, t))
+        x_res = x
+        for block in self.res:
+            x = block(x, t)
+        x = F.leaky_relu(self.norm11(self.conv_mid(x)))
+        x = F.leaky_relu(self.norm1(x + self.tran_mid(x, None, t)))
+        x = self.regnet(x + x_res, t)
+        x = _frame_mean(x, t)  # (B, C, h, w): invariant to the frame order
+        # bilinear upscaling is linear: the mean of the upscaled frames is the upscaled mean
+        mu = F.pixel_shuffle(self.conv_d2s_mu(x), self.scale) + self._up(lrs.mean(1, keepdim=True))
+        s = self.conv_out_sigma(F.leaky_relu(self.norm_sigma(self.conv_d2s_sigma(self._up(x)))))
+        return mu, s
+
+    def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor | None = None) -> dict:
+        """The common interface: ``lr (B,T,h,w)`` in [0,1] (masks unused) ->
+        ``{"sr": (B,1,3h,3w) in [0,1] units, "log_scale": (B,1,3h,3w)}``, the Laplace log-scale in
+        [0,1] units: ``s + log(RAW_STD / 65535)``."""
+        mu, s = self(standardize(lr))
+        return {"sr": destandardize(mu), "log_scale": s + math.log(RAW_STD / _FULL)}

@@ -1,0 +1,143 @@
+"""QA-Net: quality-map-associated attention network (Kim et al., arXiv 2202.13124).
+
+Features of the LR frames and of their quality maps (QMs) go through ``n_modules`` pairs of blocks:
+a LEM (low-resolution encoding module: a residual group of channel-attention blocks, self-attention
+across the frames, then attention across the frames whose queries come from the QM features) and a
+QEM (quality encoding module: two convolutions and a sigmoid, giving per-frame, per-pixel weights).
+The frames are fused by the QM-weighted mean and upscaled by a convolution and pixel shuffle.
+
+Checkpoint-compatible with the authors' implementation (parameter names, shapes and numerics);
+works on non-square inputs. The number of frames is fixed at construction (``n_frames``), because
+the temporal BatchNorms hold one statistic per frame index.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import FrameAttention, FrameBatchNorm, FrameConv
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excitation per frame: ``x (N,C,H,W) -> x * sigmoid(MLP(mean_HW x))``."""
+
+    def __init__(self, channels: int, reduction: int):
+        super().__init__()
+        self.conv_du = nn.Sequential(
+            nn.Conv2d(channels, channels // reduction, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(channels // reduction, channels, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.conv_du(x.mean((2, 3), keepdim=True))
+
+
+class RCAB(nn.Module):
+    """Residual channel-attention block: ``x + CA(conv(leaky(conv(x))))`` (BatchNorms optional)."""
+
+    def __init__(self, channels: int, reduction: int, bn: bool):
+        super().__init__()
+        layers: list[nn.Module] = [FrameConv(channels, channels)]
+        if bn:
+            layers.append(nn.BatchNorm2d(channels))
+        layers += [nn.LeakyReLU(), FrameConv(channels, channels)]
+        if bn:
+            layers.append(nn.BatchNorm2d(channels))
+        self.body = nn.Sequential(*layers)
+        self.ca = ChannelAttention(channels, reduction)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ca(self.body(x))
+
+
+class ResidualGroup(nn.Module):
+    def __init__(self, channels: int, reduction: int, blocks: int, bn: bool):
+        super().__init__()
+        self.body = nn.Sequential(*[RCAB(channels, reduction, bn) for _ in range(blocks)],
+                                  FrameConv(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class LEM(nn.Module):
+    """``forward(x, q (B*T,C,H,W)) -> (B*T,C,H,W)``."""
+
+    def __init__(self, channels: int, reduction: int, blocks: int, heads: int, frames: int, bn: bool):
+        super().__init__()
+        self.frames = frames
+        self.mha1 = FrameAttention(channels, heads)
+        self.tnorm1 = FrameBatchNorm(frames)
+        self.mha2 = FrameAttention(channels, heads)
+        self.tnorm2 = FrameBatchNorm(frames)
+        self.rg1 = ResidualGroup(channels, reduction, blocks, bn)
+        self.cnorm1 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        t = self.frames
+        x = self.cnorm1(x + self.rg1(x))  # the authors add the group's output to its input again
+        x = self.tnorm1(x + self.mha1(x, None, t))
+        # queries from the quality features, keys and values from the frame features
+        return self.tnorm2(x + self.mha2(q, x, t))
+
+
+class QEM(nn.Module):
+    """``forward(q (B*T,C,H,W)) -> sigmoid(BN(q + conv2(conv1(q))))``, in (0, 1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = FrameConv(channels, channels)
+        self.conv2 = FrameConv(channels, channels)
+        self.cnorm = nn.BatchNorm2d(channels)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.cnorm(q + self.conv2(self.conv1(q))))
+
+
+class QANet(nn.Module):
+    """QA-Net.
+
+    Args (the authors' names in brackets; defaults are their published configuration):
+        n_modules (N_modules): LEM/QEM pairs. n_resblocks (N_resblocks): RCABs per LEM.
+        n_feats (N_feats): feature channels. reduction: channel-attention reduction.
+        n_heads (N_heads): attention heads. scale: upscaling factor.
+        n_frames (N_lrs): frames per scene (fixed). rcab_bn: BatchNorm inside the RCABs.
+
+    ``forward(lrs (B,T,h,w) in [0,1], qms (B,T,h,w) in {0,1}) -> (B,1,scale*h,scale*w)``, SR in
+    [0,1] units (not clamped).
+    """
+
+    has_uncertainty = False
+
+    def __init__(self, n_modules: int = 12, n_resblocks: int = 8, n_feats: int = 36, reduction: int = 16,
+                 n_heads: int = 1, scale: int = 3, n_frames: int = 9, rcab_bn: bool = False):
+        super().__init__()
+        self.kwargs = dict(n_modules=n_modules, n_resblocks=n_resblocks, n_feats=n_feats, reduction=reduction,
+                           n_heads=n_heads, scale=scale, n_frames=n_frames, rcab_bn=rcab_bn)
+        self.frames, self.scale = n_frames, scale
+        self.init = FrameConv(1, n_feats)
+        self.lems = nn.Sequential(*[LEM(n_feats, reduction, n_resblocks, n_heads, n_frames, rcab_bn)
+                                    for _ in range(n_modules)])
+        self.qems = nn.Sequential(*[QEM(n_feats) for _ in range(n_modules)])
+        self.last = nn.Conv2d(n_feats, scale * scale, 3, padding=1)
+
+    def forward(self, lrs: torch.Tensor, qms: torch.Tensor) -> torch.Tensor:
+        b, t, h, w = lrs.shape
+        if t != self.frames:
+            raise ValueError(f"QANet was built for n_frames={self.frames}, got {t} frames")
+        if qms.shape != lrs.shape:
+            raise ValueError(f"QANet: lrs {tuple(lrs.shape)} and qms {tuple(qms.shape)} differ in shape")
+        # one shared first convolution for frames and quality maps
+        x, q = self.init(torch.cat([lrs, qms.to(lrs.dtype)]).reshape(2 * b * t, 1, h, w)).chunk(2)
+        x0 = x
+        for lem, qem in zip(self.lems, self.qems):
+            x = lem(x, q)
+            q = qem(q)
+        x = (x + x0).view(b, t, -1, h, w)
+        q = q.view(b, t, -1, h, w)
+        fused = (x * q).sum(1) / q.sum(1)  # QM-weighted mean over frames; q > 0 (a sigmoid)
+        return F.pixel_shuffle(self.last(fused), self.scale)
+
+    def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor) -> dict:
+        """The common interface: ``lr (B,T,h,w)`` in [0,1], ``lr_mask`` {0,1} -> ``{"sr": (B,1,3h,3w)}``."""
+        return {"sr": self(lr, lr_mask)}
