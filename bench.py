@@ -81,14 +81,117 @@ def bench_metric(args) -> None:
     print(f"cssim  batched (float64): {t * 1e3:8.2f} ms/scene")
 
 
+AUTHORS_CONFIG = {"qanet": dict(batch=10, frames=9), "piunet": dict(batch=24, frames=9)}
+
+
+def _load_reference(name: str, path: str):
+    """The authors' model class from a local checkout of their repository (never shipped here):
+    QA-Net from ``<path>/net/qanet.py`` + ``utils/resize.py``; PIUnet from ``<path>/Code/piunet/model.py``."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+    root = Path(path)
+    if name == "qanet":
+        resize = importlib.util.spec_from_file_location("resize", root / "utils" / "resize.py")
+        mod_r = importlib.util.module_from_spec(resize)
+        resize.loader.exec_module(mod_r)
+        src = (root / "net" / "qanet.py").read_text().replace("from utils.resize import *", "")
+        ns: dict = dict(vars(mod_r))
+        exec(compile(src, str(root / "net" / "qanet.py"), "exec"), ns)
+        cfg = dict(N_modules=12, N_resblocks=8, N_feats=36, reduction=16, N_heads=1, scale=3, N_lrs=9, rcab_bn=False)
+        return ns["QANet"](types.SimpleNamespace(**cfg))
+    spec = importlib.util.spec_from_file_location("piunet_ref", root / "Code" / "piunet" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["piunet_ref"] = mod
+    spec.loader.exec_module(mod)
+    return mod.PIUNET(types.SimpleNamespace(N_feat=42, R_bneck=8, N_tefa=16, N_heads=1))
+
+
+def _train_step_fn(model, name: str, batch: int, frames: int, patch: int, device, amp: str, reference: bool):
+    lr = torch.rand(batch, frames, patch, patch, device=device)
+    qm = (torch.rand(batch, frames, patch, patch, device=device) > 0.1).float()
+    hr = torch.rand(batch, 1, 3 * patch, 3 * patch, device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            if name == "qanet":
+                out = model(lr, qm)
+            else:
+                out, s = model(lr)
+                out = out + 0 * s.mean()
+        loss = (out.float() - hr).abs().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 15.0)
+        opt.step()
+    return step
+
+
+def bench_models(args) -> None:
+    """Training samples/s and peak memory per model at the authors' configurations."""
+    from models import build_model
+    device = torch.device(args.device)
+    names = args.models.split(",")
+    print(f"device: {_device_name(device)}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"patch {args.patch}, amp {args.amp}, compile {args.compile}")
+    print(f"{'model':8s} {'impl':8s} {'batch':>5s} {'samples/s':>10s} {'ms/step':>8s} {'peak MiB':>9s}")
+    for name in names:
+        cfg = AUTHORS_CONFIG[name]
+        batch = args.batch or cfg["batch"]
+        impls = [("ours", lambda: build_model(name))]
+        ref_path = {"qanet": args.qanet_ref, "piunet": args.piunet_ref}[name]
+        if ref_path:
+            impls.append(("authors", lambda: _load_reference(name, ref_path)))
+        for impl, make in impls:
+            torch.manual_seed(0)
+            model = make().to(device).train()
+            if args.compile:
+                model = torch.compile(model)
+            step = _train_step_fn(model, name, batch, cfg["frames"], args.patch, device, args.amp, impl == "authors")
+            for _ in range(args.warmup):
+                step()
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            _sync(device)
+            dt = (time.perf_counter() - t) / args.steps
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else float("nan")
+            print(f"{name:8s} {impl:8s} {batch:5d} {batch / dt:10.2f} {dt * 1e3:8.1f} {peak:9.0f}")
+            del model
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    import platform
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     m = sub.add_parser("metric")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     m.add_argument("--scenes", type=int, default=16)
+    mo = sub.add_parser("models")
+    mo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    mo.add_argument("--models", default="qanet,piunet")
+    mo.add_argument("--batch", type=int, default=0, help="0: the authors' batch (QA-Net 10, PIUnet 24)")
+    mo.add_argument("--patch", type=int, default=32)
+    mo.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    mo.add_argument("--compile", action="store_true")
+    mo.add_argument("--steps", type=int, default=5)
+    mo.add_argument("--warmup", type=int, default=2)
+    mo.add_argument("--qanet_ref", default="", help="a local checkout of the authors' QA-Net, to time it too")
+    mo.add_argument("--piunet_ref", default="", help="a local checkout of the authors' PIUnet, to time it too")
     args = p.parse_args(argv)
-    {"metric": bench_metric}[args.what](args)
+    {"metric": bench_metric, "models": bench_models}[args.what](args)
 
 
 if __name__ == "__main__":
