@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .io import BANDS, SCALE, DataError, DatasetNotFoundError, list_scenes, read_scene
 
-__all__ = ["ProbaVDataset", "split_scenes", "select_frames", "scene_signature", "load_scene_cached",
+__all__ = ["ProbaVDataset", "fill_clouds", "split_scenes", "select_frames", "scene_signature", "load_scene_cached",
            "VAL_FRACTION", "VAL_SEED", "SELECTIONS"]
 
 VAL_FRACTION = 0.1  # share of train/ scenes held out per band when the root has no val/
@@ -166,6 +166,19 @@ def select_frames(qm: np.ndarray, k: int, strategy: str, rng: np.random.Generato
     return np.asarray(idx)
 
 
+def fill_clouds(lr: np.ndarray, qm: np.ndarray) -> np.ndarray:
+    """``lr (T,h,w)`` float with cloudy pixels (``qm`` False) replaced by the per-pixel median of
+    the clear ones (of all frames where no frame is clear at that pixel)."""
+    clear = np.where(qm, lr, np.nan)
+    with np.errstate(all="ignore"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels are handled below
+            med = np.nanmedian(clear, axis=0)
+    med = np.where(np.isnan(med), np.median(lr, axis=0), med)
+    return np.where(qm, lr, med[None]).astype(lr.dtype)
+
+
 class ProbaVDataset(Dataset):
     """Scenes of one split and one or both bands of a PROBA-V root.
 
@@ -183,13 +196,18 @@ class ProbaVDataset(Dataset):
         cache_dir: on-disk decode cache (None: decode PNGs on every construction).
         val_fraction, val_seed: the carve of ``val`` from ``train`` when the root has no ``val/``.
         progress: show a tqdm bar while scenes load.
+        repeats: the dataset lists every scene this many times (several random patches per scene
+            and epoch); item ``i`` is scene ``i % n_scenes``.
+        fill_clouds: replace every cloudy LR pixel (QM 0) by the median of that pixel's clear
+            values in the selected frames (by the median of all of them where none is clear). For
+            models that do not read the quality maps (PIUnet); the masks are returned unchanged.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", bands: str | tuple = "all",
                  n_frames: int = 9, selection: str = "clearest", patch_size: int | None = None,
                  min_clear: float = 0.0, beta: float = 50.0, seed: int = 0,
                  cache_dir: str | os.PathLike | None = None, val_fraction: float = VAL_FRACTION,
-                 val_seed: int = VAL_SEED, progress: bool = True):
+                 val_seed: int = VAL_SEED, progress: bool = True, repeats: int = 1, fill_clouds: bool = False):
         root = Path(root)
         if not root.is_dir():
             # the same message as the reader's: how to get the data, how to run the demo
@@ -200,6 +218,10 @@ class ProbaVDataset(Dataset):
         self.root, self.split, self.bands = root, split, bands
         self.n_frames, self.selection, self.patch_size = n_frames, selection, patch_size
         self.min_clear, self.beta, self.seed, self.epoch = min_clear, beta, seed, 0
+        if repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {repeats}")
+        self.repeats = repeats
+        self.fill_clouds = fill_clouds
         paths = [p for b in bands for p in split_scenes(root, split, b, val_fraction, val_seed)]
         if not paths:
             raise DatasetNotFoundError(f"{root}: no scene in split {split!r} for bands {bands}")
@@ -214,7 +236,7 @@ class ProbaVDataset(Dataset):
         self._fixed_frames: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
-        return len(self.scenes)
+        return len(self.scenes) * self.repeats
 
     def set_epoch(self, epoch: int) -> None:
         """Make random draws depend on the epoch (call before each training epoch)."""
@@ -234,9 +256,12 @@ class ProbaVDataset(Dataset):
         return select_frames(s["qm"], self.n_frames, self.selection, rng, sm=s["sm"], beta=self.beta,
                              clearance=s["clearance"])
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int) -> dict:
+        if not 0 <= item < len(self):
+            raise IndexError(f"item {item} out of range for {len(self)} samples")
+        index = item % len(self.scenes)
         s = self.scenes[index]
-        rng = self._rng(index)
+        rng = self._rng(item)
         idx = self.frames_for(index, rng)
         lr, qm, hr, sm = s["lr"][idx], s["qm"][idx], s["hr"], s["sm"]
         if self.patch_size is not None:
@@ -252,7 +277,10 @@ class ProbaVDataset(Dataset):
             lr, qm = lr[:, y:y + p, x:x + p], qm[:, y:y + p, x:x + p]
             hr = hr[SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if hr is not None else None
             sm = hsm
-        out = {"lr": torch.from_numpy(lr.astype(np.float32) / 65535.0),
+        lr = lr.astype(np.float32) / 65535.0
+        if self.fill_clouds:
+            lr = fill_clouds(lr, qm)
+        out = {"lr": torch.from_numpy(lr),
                "lr_mask": torch.from_numpy(qm.astype(np.float32)),
                "name": s["name"], "band": s["band"], "index": index}
         if hr is not None:

@@ -101,6 +101,7 @@ class PIUnet(nn.Module):
     does not depend on the order of the frames.
     """
 
+    registry_name = "piunet"
     has_uncertainty = True
 
     def __init__(self, n_feats: int = 42, r_bneck: int = 8, n_tefa: int = 16, n_heads: int = 1, scale: int = 3):

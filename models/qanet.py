@@ -107,6 +107,7 @@ class QANet(nn.Module):
     [0,1] units (not clamped).
     """
 
+    registry_name = "qanet"
     has_uncertainty = False
 
     def __init__(self, n_modules: int = 12, n_resblocks: int = 8, n_feats: int = 36, reduction: int = 16,

@@ -1,0 +1,239 @@
+"""The one configuration of training, validation and prediction.
+
+A frozen :class:`Config` with documented defaults, named :data:`PRESETS`, and ``--key=value``
+overrides checked against the field types::
+
+    python train.py --preset=piunet --band=RED --batch_size=16 --model_args='{"n_tefa": 8}'
+
+``--preset`` is applied first, then the overrides in order. A bare ``--flag`` sets a boolean field
+to true. Unknown keys and bad values are errors that list the valid choices. The resolved config is
+written to every run folder (``config.json``) and into every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+__all__ = ["Config", "PRESETS", "parse_args", "ConfigError", "CHOICES"]
+
+
+class ConfigError(ValueError):
+    """An unknown key or a bad value on the command line or in a preset."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- what and where -----------------------------------------------------------------------
+    preset: str = "qanet"  # the preset these values started from (see PRESETS)
+    model: str = "qanet"  # qanet | piunet (| baseline for valid.py / predict.py)
+    model_args: dict = field(default_factory=dict)  # constructor arguments of the model (JSON on the CLI)
+    data_dir: str = "datasets/probav"  # a root in the Kelvin layout: train/, [val/], test/, norm.csv
+    synthetic: bool = False  # generate synthetic scenes into data_dir when it does not exist
+    band: str = "all"  # NIR | RED | all (one model for both bands)
+    split: str = "val"  # the split that validation (train.py) and valid.py score
+    out_dir: str = ""  # run folder; empty: results/<preset>-<band>-<timestamp> (valid/predict: next to the checkpoint)
+    checkpoint: str = ""  # train.py: initial weights (ours or the authors'); valid/predict: the model to use
+    resume: bool = False  # train.py: continue the run in out_dir from checkpoints/last.pt
+    seed: int = 0
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    amp: str = "off"  # off | bf16 | fp16 (CUDA; fp16 uses a gradient scaler)
+    compile: bool = False  # torch.compile the model for training
+    channels_last: bool = False  # channels-last memory format for the convolutions (CUDA)
+
+    # --- data --------------------------------------------------------------------------------
+    n_frames: int = 9  # frames per scene given to the model
+    train_selection: str = "weighted"  # clearest | weighted | coverage | all (data.select_frames)
+    val_selection: str = "coverage"
+    beta: float = 50.0  # temperature of the clearance-weighted sampling
+    patch_size: int = 32  # LR training patch side (HR patches are 3x)
+    min_clear: float = 0.25  # a training patch with a smaller HR clear fraction is redrawn
+    repeats: int = 1  # random patches drawn per scene per epoch
+    fill_clouds: bool = False  # replace cloudy LR pixels by the median of the clear frames (data.fill_clouds)
+    num_workers: int = 2  # data-loader worker processes (0: load in the main process)
+    cache_dir: str = "results/cache"  # decoded scenes (.npz), rebuilt when a PNG changes
+    val_fraction: float = 0.1  # carve of val/ from train/ when the root has none
+    val_scenes: int = 0  # validate on the first N scenes per band only (0: all)
+
+    # --- optimisation --------------------------------------------------------------------------
+    epochs: int = 520
+    max_steps: int = 0  # stop after this many optimizer steps (0: no limit)
+    batch_size: int = 10  # per process
+    accum_steps: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    lr_milestones: tuple = (120, 220, 300, 360, 400, 440, 480)
+    lr_gamma: float = 0.8
+    lr_unit: str = "epoch"  # epoch | step: what lr_milestones count
+    grad_clip: float = 15.0  # max gradient norm (0: off)
+    loss: str = "cpsnr"  # cpsnr | cpsnr_shift | l1_reg | l1u_reg (utils.losses)
+    warmup_loss: str = ""  # a loss used for the first warmup_epochs epochs (PIUnet: l1_reg)
+    warmup_epochs: int = 0
+
+    # --- logging and evaluation --------------------------------------------------------------------
+    val_every: int = 5  # epochs between validations (and best.pt updates)
+    log_every: int = 10  # optimizer steps between TensorBoard scalars
+    n_images: int = 3  # validation scenes shown as comparison panels
+    val_batch_size: int = 4  # full scenes per forward pass at validation
+    ensemble: bool = False  # valid/predict: average over flips, rotations and frame orders
+    save_png: bool = False  # valid.py: write SR images as 16-bit PNGs
+    checkpoint_nir: str = ""  # predict.py: one checkpoint per band
+    checkpoint_red: str = ""
+    export_uncertainty: bool = False  # predict.py: also write PIUnet's uncertainty maps
+    force: bool = False  # predict.py: replace an existing submission.zip
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lr_milestones"] = list(self.lr_milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Rebuild from :meth:`to_dict` output (a checkpoint); keys this version lacks are dropped."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if "lr_milestones" in d:
+            d["lr_milestones"] = tuple(d["lr_milestones"])
+        return cls(**d)
+
+    def replace(self, **kw) -> "Config":
+        return dataclasses.replace(self, **kw)
+
+
+CHOICES = {
+    "model": ("qanet", "piunet", "baseline"),
+    "band": ("NIR", "RED", "all"),
+    "split": ("train", "val", "test"),
+    "amp": ("off", "bf16", "fp16"),
+    "train_selection": ("clearest", "weighted", "coverage", "all"),
+    "val_selection": ("clearest", "weighted", "coverage", "all"),
+    "lr_unit": ("epoch", "step"),
+    "loss": ("cpsnr", "cpsnr_shift", "l1_reg", "l1u_reg"),
+    "warmup_loss": ("", "cpsnr", "cpsnr_shift", "l1_reg", "l1u_reg"),
+}
+
+# Presets: the authors' published recipes, and a demo that runs in minutes on a laptop CPU.
+PRESETS: dict[str, dict] = {
+    # QA-Net (Kim et al.): Adam 1e-4, wd 1e-5, batch 10, 32x32 LR patches, 9 frames drawn with
+    # clearance weights (beta 50), cPSNR loss, MultiStepLR x0.8, clipping 15, 520 epochs.
+    "qanet": dict(model="qanet", model_args={}, epochs=520, batch_size=10, lr=1e-4, weight_decay=1e-5,
+                  patch_size=32, n_frames=9, train_selection="weighted", val_selection="coverage", beta=50.0,
+                  lr_milestones=(120, 220, 300, 360, 400, 440, 480), lr_gamma=0.8, lr_unit="epoch",
+                  grad_clip=15.0, loss="cpsnr", warmup_loss="", warmup_epochs=0),
+    # PIUnet (Valsesia & Magli): Adam 1e-4, batch 24, 32x32 patches, the 9 clearest frames, lr x0.2
+    # after 150k iterations, clipping 15, registered L1 for the first epoch, then registered
+    # L1-uncertainty, 750 epochs.
+    "piunet": dict(model="piunet", model_args={}, epochs=750, batch_size=24, lr=1e-4, weight_decay=0.0,
+                   patch_size=32, n_frames=9, train_selection="clearest", val_selection="clearest",
+                   lr_milestones=(150_000,), lr_gamma=0.2, lr_unit="step", grad_clip=15.0,
+                   loss="l1u_reg", warmup_loss="l1_reg", warmup_epochs=1),
+    # Synthetic scenes (generated on first use), a small PIUnet, CPU: about 5 minutes on 2 cores.
+    "demo": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4), data_dir="datasets/synthetic",
+                 synthetic=True, band="all", device="cpu", epochs=25, batch_size=8, repeats=4, patch_size=32,
+                 n_frames=9, train_selection="clearest", val_selection="clearest", lr=1e-3, weight_decay=0.0,
+                 lr_milestones=(18,), lr_gamma=0.2, lr_unit="epoch", grad_clip=15.0, loss="l1_reg",
+                 warmup_loss="", warmup_epochs=0, val_every=5, num_workers=0, min_clear=0.25),
+    # Real scenes (../shared/probav or any small root) on CPU in about 25 minutes.
+    "cpu_real": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4), band="all", device="cpu",
+                     epochs=40, batch_size=8, repeats=2, patch_size=32, n_frames=9, train_selection="clearest",
+                     val_selection="clearest", lr=1e-3, weight_decay=0.0, lr_milestones=(30,), lr_gamma=0.2,
+                     lr_unit="epoch", grad_clip=15.0, loss="l1_reg", warmup_loss="", warmup_epochs=0,
+                     val_every=5, num_workers=0),
+}
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _parse_value(key: str, raw: str, typ: type):
+    if key in CHOICES and raw not in CHOICES[key]:
+        raise ConfigError(f"--{key}={raw!r}: choose from {', '.join(repr(c) for c in CHOICES[key])}")
+    try:
+        if typ is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(raw)
+        if typ is float:
+            return float(raw)
+        if typ is tuple:
+            items = json.loads(raw) if raw.strip().startswith("[") else [x for x in raw.split(",") if x.strip()]
+            return tuple(int(x) for x in items)
+        if typ is dict:
+            value = json.loads(raw)
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+    except (ValueError, json.JSONDecodeError):
+        kind = {bool: "true or false", int: "an integer", float: "a number",
+                tuple: "a comma-separated list of integers", dict: "a JSON object, e.g. '{\"n_feats\": 16}'"}[typ]
+        raise ConfigError(f"--{key}={raw!r}: expected {kind}") from None
+    return raw
+
+
+def _check(cfg: Config) -> Config:
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r}: choose from {', '.join(repr(c) for c in choices)}")
+    for key in ("epochs", "batch_size", "accum_steps", "n_frames", "patch_size", "repeats", "val_every",
+                "log_every", "val_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be at least 1")
+    if not 0.0 <= cfg.min_clear <= 1.0:
+        raise ConfigError(f"min_clear={cfg.min_clear} must lie in [0, 1]")
+    return cfg
+
+
+def parse_args(argv: list[str] | None = None, base: Config | None = None) -> Config:
+    """A :class:`Config` from ``--preset=NAME`` and ``--key=value`` arguments.
+
+    Args:
+        argv: the arguments (``sys.argv[1:]`` when None).
+        base: the config to start from (default: the ``qanet`` preset).
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    types = _field_types()
+    pairs: list[tuple[str, str | None]] = []
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(help_text())
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: use --key=value (see --help)")
+        key, eq, raw = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in types:
+            raise ConfigError(f"unknown option --{key}; valid options: {', '.join(sorted(types))}")
+        if not eq and types[key] is not bool:
+            raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+        pairs.append((key, raw if eq else None))
+    preset = base.preset if base is not None else "qanet"
+    for key, raw in pairs:
+        if key == "preset":
+            preset = raw or ""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    cfg = base if base is not None and base.preset == preset else Config(preset=preset).replace(**PRESETS[preset])
+    updates = {}
+    for key, raw in pairs:
+        if key != "preset":
+            updates[key] = True if raw is None else _parse_value(key, raw, types[key])
+    return _check(cfg.replace(**updates))
+
+
+def help_text() -> str:
+    lines = ["Options (--key=value); presets: " + ", ".join(PRESETS)]
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        lines.append(f"  --{f.name}={getattr(defaults, f.name)!r}" +
+                     (f"  ({' | '.join(map(str, CHOICES[f.name]))})" if f.name in CHOICES else ""))
+    return "\n".join(lines)

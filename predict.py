@@ -1,0 +1,114 @@
+"""Super-resolve the test scenes and write a Kelvin submission zip.
+
+    python predict.py --checkpoint=results/run/checkpoints/best.pt         # one model, both bands
+    python predict.py --checkpoint_nir=nir/best.pt --checkpoint_red=red/best.pt --data_dir=/data/probav
+    python predict.py --model=baseline --data_dir=/data/probav
+
+Writes ``out_dir/submission.zip``: one ``imgsetNNNN.png`` (16-bit, 3x the LR size) per test scene,
+then reads the zip back and checks every entry. The competition expects 290 images; a different
+count is reported. An existing zip is kept unless ``--force``. ``--export_uncertainty`` also writes
+PIUnet's per-pixel Laplace scale (``exp(log_scale)``, [0,1] units) as ``uncertainty/NAME.npy``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from config import ConfigError
+from data import BANDS, DataError, ProbaVDataset
+from utils.checkpoint import CheckpointError
+from utils.evaluate import iterate, to_uint16
+from utils.runtime import resolve_device
+from valid import load_for_eval
+
+EXPECTED_SCENES = 290  # test scenes of the Kelvin competition (NIR and RED)
+
+
+def verify_zip(path: Path, expected: dict[str, tuple[int, int]]) -> None:
+    """Read every entry back: the names are exactly ``expected``'s, each a 16-bit PNG of its shape."""
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        if sorted(names) != sorted(f"{n}.png" for n in expected):
+            missing = sorted(set(f"{n}.png" for n in expected) - set(names))
+            extra = sorted(set(names) - set(f"{n}.png" for n in expected))
+            raise RuntimeError(f"{path}: entries differ from the scenes (missing {missing[:5]}, extra {extra[:5]})")
+        for name in names:
+            with Image.open(io.BytesIO(z.read(name))) as im:
+                arr = np.asarray(im)
+            shape = expected[name[:-4]]
+            if arr.dtype != np.uint16 or arr.shape != shape:
+                raise RuntimeError(f"{path}:{name} is {arr.dtype} {arr.shape}, expected uint16 {shape}")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plain = [a for a in argv if not a.startswith(("--checkpoint_nir", "--checkpoint_red"))]
+    per_band = {a.partition("=")[0][len("--checkpoint_"):].upper(): a.partition("=")[2]
+                for a in argv if a.startswith(("--checkpoint_nir=", "--checkpoint_red="))}
+    # one (config, model, out) per band: a shared checkpoint/baseline, or one checkpoint per band
+    setups = {}
+    for band in BANDS:
+        if band in per_band:
+            extra = [a for a in plain if not a.startswith("--checkpoint=")] + [f"--checkpoint={per_band[band]}"]
+            setups[band] = load_for_eval(extra, "predict")
+        elif any(a.startswith("--checkpoint=") for a in plain) or "--model=baseline" in plain:
+            setups[band] = load_for_eval(plain, "predict")
+    if not setups:
+        raise ConfigError("say what to run: --checkpoint=PATH, --checkpoint_nir=PATH/--checkpoint_red=PATH, "
+                          "or --model=baseline")
+    wanted = {b for cfg, _, _ in setups.values() for b in (BANDS if cfg.band == "all" else (cfg.band,))}
+    bands = [b for b in BANDS if b in setups and b in wanted]
+    if not bands:
+        raise ConfigError("no band left to predict: check --band against the checkpoints given")
+    out = next(iter(setups.values()))[2]
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "submission.zip"
+    force = any(cfg.force for cfg, _, _ in setups.values())
+    if target.exists() and not force:
+        raise ConfigError(f"{target} exists; pass --force to replace it (or choose another --out_dir)")
+
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    expected: dict[str, tuple[int, int]] = {}
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:  # PNGs are compressed already
+            for band in bands:
+                cfg, model, _ = setups[band]
+                device = resolve_device(cfg.device)
+                model = model.to(device)
+                ds = ProbaVDataset(cfg.data_dir, "test", bands=band, n_frames=cfg.n_frames,
+                                   selection=cfg.val_selection, cache_dir=cfg.cache_dir or None, fill_clouds=cfg.fill_clouds, seed=cfg.seed)
+                for batch, result in iterate(model, ds, device, cfg.amp, cfg.val_batch_size, cfg.ensemble,
+                                             desc=f"predicting {band}"):
+                    for i, name in enumerate(batch["name"]):
+                        img = to_uint16(result["sr"][i])
+                        buf = io.BytesIO()
+                        Image.fromarray(img).save(buf, format="PNG")
+                        z.writestr(f"{name}.png", buf.getvalue())
+                        expected[name] = img.shape
+                        if cfg.export_uncertainty and "log_scale" in result:
+                            (out / "uncertainty").mkdir(exist_ok=True)
+                            np.save(out / "uncertainty" / f"{name}.npy",
+                                    np.exp(result["log_scale"][i, 0].float().cpu().numpy()))
+        verify_zip(tmp, expected)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    print(f"wrote {target}: {len(expected)} scenes ({', '.join(bands)}), every entry read back and checked")
+    if len(expected) != EXPECTED_SCENES:
+        print(f"note: the Kelvin competition expects {EXPECTED_SCENES} test images; this test split has "
+              f"{len(expected)}, so the zip is not a complete submission")
+    return target
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,98 @@
+"""Self-describing checkpoints: everything needed to rebuild the model or resume the run.
+
+A checkpoint is a dict::
+
+    {"format": 1, "model_name": "qanet", "model_kwargs": {...}, "model": state_dict,
+     "optimizer": ..., "scheduler": ..., "scaler": ..., "epoch": completed epochs,
+     "step": optimizer steps, "step_in_epoch": steps done in the current epoch,
+     "best_score": best validation Kelvin score (lower is better) or None,
+     "config": the resolved Config as a dict, "rng": RNG states}
+
+It is written atomically. ``valid.py`` and ``predict.py`` rebuild the model from it alone; they
+also accept the authors' released state dicts (bare, or wrapped in ``"state_dict"``), given the
+model name.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from models import build_model
+
+from .runtime import atomic_torch_save
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "unwrap"]
+
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing or is not something a model can be built from."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
+                    epoch: int = 0, step: int = 0, step_in_epoch: int = 0, best_score: float | None = None,
+                    config: dict | None = None, rng: dict | None = None, model_name: str | None = None) -> None:
+    m = unwrap(model)
+    name = model_name or getattr(m, "registry_name", None) or type(m).__name__.lower()
+    atomic_torch_save({
+        "format": FORMAT, "model_name": name, "model_kwargs": dict(m.kwargs), "model": m.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best_score": best_score,
+        "config": config, "rng": rng}, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint (on CPU), with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for a damaged or foreign file
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(ckpt).__name__}")
+    return ckpt
+
+
+def model_from_checkpoint(path: str | os.PathLike, model_name: str | None = None,
+                          model_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
+    """``(model in eval mode, checkpoint dict)`` from one of our checkpoints or an authors' file.
+
+    Our checkpoints carry the model name and arguments. For a bare state dict (the authors'
+    releases), ``model_name`` and optionally ``model_kwargs`` (our argument names) say what to build.
+    """
+    ckpt = load_checkpoint(path)
+    if "model_name" in ckpt and "model" in ckpt:
+        model = build_model(ckpt["model_name"], **ckpt.get("model_kwargs", {}))
+        state = ckpt["model"]
+    else:
+        state = ckpt.get("state_dict", ckpt)
+        if model_name in (None, "baseline"):
+            raise CheckpointError(f"{path}: a bare state dict; say which network it holds with "
+                                  f"--model=qanet or --model=piunet")
+        model = build_model(model_name, **(model_kwargs or {}))
+        ckpt = {"model_name": model_name, "model_kwargs": dict(model.kwargs), "model": state, "config": None}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the weights do not fit {ckpt['model_name']}"
+                              f"({ckpt.get('model_kwargs')}): {str(e).splitlines()[0]}") from None
+    return model.eval(), ckpt

@@ -1,0 +1,96 @@
+"""Training losses. Every one starts from :func:`utils.metrics.registered_stats`, the core of cPSNR.
+
+All take the model output of the common interface (``sr (B,1,H,W)`` in [0,1], ``log_scale`` for
+PIUnet) and the batch's ``hr (B,1,H,W)`` in [0,1] and ``hr_mask (B,1,H,W)`` in {0,1}. Samples
+whose mask has no clear pixel in any window carry no information and are left out of the mean;
+a batch with none of them gives a zero loss that still depends on the graph (so backward works).
+
+- ``cpsnr``: the QA-Net authors' loss, minus the brightness-corrected cPSNR (dB) of the whole
+  patch over its clear pixels, without the shift search. ``cpsnr_shift``: the same with the
+  49-offset search of the official metric (the SR patch is cropped by 3 pixels).
+- ``l1_reg``: PIUnet's registered L1, the minimum over the 49 offsets of the brightness-corrected
+  mean absolute error over the clear pixels.
+- ``l1u_reg``: PIUnet's registered L1-uncertainty loss, the minimum over the offsets of the mean
+  of ``s + |y - mu - b| exp(-s)`` over the clear pixels, ``s`` the predicted Laplace log-scale.
+  In [0,1] units it differs from the authors' standardised-unit loss by a constant only.
+"""
+from __future__ import annotations
+
+import torch
+
+from .metrics import _as_bhw, registered_stats, shifted_windows
+
+__all__ = ["LOSSES", "cpsnr_loss", "registered_l1", "registered_l1_uncertainty", "compute_loss"]
+
+_CMSE_FLOOR = 1e-12  # 120 dB: keeps log10 finite for a perfect patch
+
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values (B,)`` where ``valid``; 0 (attached to the graph) when none is."""
+    if bool(valid.any()):
+        return values[valid].mean()
+    return values.nan_to_num(0.0, posinf=0.0, neginf=0.0).sum() * 0.0
+
+
+def cpsnr_loss(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, shift: bool = False,
+               border: int = 3) -> torch.Tensor:
+    """``-mean_b cPSNR_b`` in dB (lower is better); no shift search unless ``shift``."""
+    stats = registered_stats(sr, hr, hr_mask, border if shift else 0)
+    valid_offsets = stats.n > 0
+    best = torch.where(valid_offsets, stats.cmse, torch.full_like(stats.cmse, float("inf"))).flatten(1).amin(1)
+    valid = torch.isfinite(best)
+    psnr = -10.0 * torch.log10(best.clamp_min(_CMSE_FLOOR))
+    return -_masked_mean(psnr, valid).to(sr.dtype)
+
+
+def _registered(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, border: int,
+                per_pixel) -> torch.Tensor:
+    """Min over offsets of the clear-pixel mean of ``per_pixel(residual, crop)``, mean over the batch.
+
+    ``residual = HR window - SR crop - bias`` of each offset, ``(B, S*S, h, w)``.
+    """
+    stats = registered_stats(sr, hr, hr_mask, border)
+    sr3, hr3, m3 = _as_bhw(sr, "sr"), _as_bhw(hr, "hr"), _as_bhw(hr_mask, "hr_mask").to(sr.dtype)
+    H, W = sr3.shape[-2:]
+    s2 = (2 * border + 1) ** 2
+    y = shifted_windows(hr3.to(sr.dtype), border)
+    m = shifted_windows(m3, border)
+    x = sr3[:, None, border:H - border, border:W - border]
+    bias = stats.bias.reshape(-1, s2, 1, 1).to(sr.dtype)
+    n = stats.n.reshape(-1, s2)
+    crop = (slice(None), slice(None), slice(border, H - border), slice(border, W - border))
+    per = (per_pixel(y - x - bias, crop) * m).flatten(2).sum(-1) / n.clamp_min(1).to(sr.dtype)
+    per = torch.where(n > 0, per, torch.full_like(per, float("inf")))
+    best = per.amin(1)
+    return _masked_mean(best, torch.isfinite(best))
+
+
+def registered_l1(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, border: int = 3) -> torch.Tensor:
+    """PIUnet's registered L1 (see the module docstring); a scalar in [0,1] units."""
+    return _registered(sr, hr, hr_mask, border, lambda r, crop: r.abs())
+
+
+def registered_l1_uncertainty(sr: torch.Tensor, log_scale: torch.Tensor, hr: torch.Tensor,
+                              hr_mask: torch.Tensor, border: int = 3) -> torch.Tensor:
+    """PIUnet's registered Laplace loss ``s + |y - mu - b| exp(-s)``; ``log_scale (B,1,H,W)``."""
+    s = _as_bhw(log_scale, "log_scale")[:, None]
+    return _registered(sr, hr, hr_mask, border, lambda r, crop: s[crop] + r.abs() * torch.exp(-s[crop]))
+
+
+LOSSES = ("cpsnr", "cpsnr_shift", "l1_reg", "l1u_reg")
+
+
+def compute_loss(name: str, out: dict, hr: torch.Tensor, hr_mask: torch.Tensor) -> torch.Tensor:
+    """The loss ``name`` (one of :data:`LOSSES`) of a model output dict against the batch."""
+    sr = out["sr"].float()
+    if name == "cpsnr":
+        return cpsnr_loss(sr, hr, hr_mask)
+    if name == "cpsnr_shift":
+        return cpsnr_loss(sr, hr, hr_mask, shift=True)
+    if name == "l1_reg":
+        return registered_l1(sr, hr, hr_mask)
+    if name == "l1u_reg":
+        if "log_scale" not in out:
+            raise ValueError("loss 'l1u_reg' needs a model with an uncertainty output (piunet)")
+        return registered_l1_uncertainty(sr, out["log_scale"].float(), hr, hr_mask)
+    raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")

@@ -1,0 +1,121 @@
+"""Score a checkpoint (or the ESA baseline) on a split with the competition's metrics.
+
+    python valid.py --checkpoint=results/demo-all-.../checkpoints/best.pt
+    python valid.py --model=baseline --data_dir=/data/probav --band=NIR
+    python valid.py --checkpoint=PATH --ensemble --save_png
+
+Writes ``out_dir/per_scene.csv`` (``scene,band,cpsnr,cssim,norm,score``; scenes whose status map
+has no clear pixel are listed with empty metrics and left out of every mean) and
+``out_dir/summary.json``, and prints per-band means and the overall Kelvin score. Without
+``--data_dir`` the data directory recorded in the checkpoint is used. Options: ``config.py``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from config import Config, ConfigError, parse_args
+from data import DataError, ProbaVDataset, read_norm, write_png
+from models import build_model
+from utils.checkpoint import CheckpointError, model_from_checkpoint
+from utils.evaluate import evaluate, summarize, to_uint16
+from utils.runtime import resolve_device
+
+HEADER = ["scene", "band", "cpsnr", "cssim", "norm", "score"]
+
+
+def load_for_eval(argv: list[str], default_out: str) -> tuple[Config, torch.nn.Module, Path]:
+    """Config (the checkpoint's, overridden by ``argv``), the model, and the output folder.
+
+    Used by valid.py and predict.py. ``default_out`` names the output folder placed in the
+    checkpoint's run folder (or in ``results/`` for the baseline).
+    """
+    cfg = parse_args(argv)
+    explicit = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if "model" in explicit and cfg.model == "baseline":
+        model = build_model("baseline")
+        # the baseline averages the clearest of *all* frames: give it every frame, one scene a time
+        cfg = cfg.replace(val_selection="all", val_batch_size=1)
+        out = Path(cfg.out_dir) if cfg.out_dir else Path("results") / f"baseline-{default_out}"
+        return cfg, model, out
+    if not cfg.checkpoint:
+        raise ConfigError("say what to run: --checkpoint=PATH (a training checkpoint or the authors' weights "
+                          "with --model=qanet|piunet) or --model=baseline")
+    model, ckpt = model_from_checkpoint(cfg.checkpoint, cfg.model if "model" in explicit else None, cfg.model_args)
+    if ckpt.get("config"):
+        keep = [a for a in argv if not a.startswith("--preset")]
+        base = Config.from_dict(ckpt["config"]).replace(split="val", out_dir="", checkpoint=cfg.checkpoint,
+                                                       resume=False, device="auto")
+        cfg = parse_args(keep, base=base)
+    ckpt_path = Path(cfg.checkpoint)
+    run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    out = Path(cfg.out_dir) if cfg.out_dir else run / f"{default_out}-{ckpt_path.stem}"
+    return cfg, model, out
+
+
+def write_csv(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(HEADER)
+        for r in records:
+            if r["skipped"]:
+                w.writerow([r["scene"], r["band"], "", "", f"{r['norm']:.6f}", ""])
+            else:
+                w.writerow([r["scene"], r["band"], f"{r['cpsnr']:.6f}", f"{r['cssim']:.6f}", f"{r['norm']:.6f}",
+                            f"{r['score']:.6f}"])
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, model, out = load_for_eval(argv, cfg_split(argv))
+    device = resolve_device(cfg.device)
+    model = model.to(device)
+    ds = ProbaVDataset(cfg.data_dir, cfg.split, bands=cfg.band, n_frames=cfg.n_frames, selection=cfg.val_selection,
+                       cache_dir=cfg.cache_dir or None, fill_clouds=cfg.fill_clouds, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    if cfg.split == "test":
+        raise ConfigError("the test split has no HR images to score; use predict.py")
+    norm_file = Path(cfg.data_dir) / "norm.csv"
+    norm = read_norm(norm_file) if norm_file.exists() else {}
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save_png(batch: dict, result: dict) -> None:
+        for i, (name, band) in enumerate(zip(batch["name"], batch["band"])):
+            (out / "sr" / band).mkdir(parents=True, exist_ok=True)
+            write_png(out / "sr" / band / f"{name}.png", to_uint16(result["sr"][i]))
+
+    records = evaluate(model, ds, device, norm, cfg.amp, cfg.val_batch_size, cfg.ensemble,
+                       on_batch=save_png if cfg.save_png else None)
+    summary = summarize(records)
+    write_csv(out / "per_scene.csv", records)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    what = f"checkpoint {cfg.checkpoint}" if cfg.checkpoint and cfg.model != "baseline" else "ESA baseline"
+    print(f"{what} on {cfg.data_dir} ({cfg.split}{', self-ensemble' if cfg.ensemble else ''}):")
+    for band, s in summary.items():
+        print(f"  {band:>4}: cPSNR {s['cpsnr']:.4f} dB  cSSIM {s['cssim']:.5f}  score {s['score']:.5f}  "
+              f"({s['n']} scenes)")
+    if summary["all"]["skipped"]:
+        print(f"  skipped (no clear HR pixel): {', '.join(summary['all']['skipped'])}")
+    print(f"Kelvin score: {summary['all']['score']:.5f} (lower is better; the ESA baseline scores 1)\n"
+          f"per-scene results: {out / 'per_scene.csv'}")
+    return summary
+
+
+def cfg_split(argv: list[str]) -> str:
+    for a in argv:
+        if a.startswith("--split="):
+            return a.partition("=")[2]
+    return "val"
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
