@@ -2,7 +2,8 @@
 
     python bench.py metric [--device=cpu] [--scenes=16]      cPSNR/cSSIM speed vs a 49-offset loop
     python bench.py models [--device=cuda] [--amp=bf16] ...  train samples/s and peak memory per model
-    python bench.py loader [--data_dir=...]                  patch loader samples/s
+    python bench.py loader [--data_dir=...] [--workers=0,2]  decode cache and patch loader samples/s
+    python bench.py valid [--device=cuda] [--batch=8]         full-scene validation scenes/s per model
 
 ``cpsnr_loop`` below is the straightforward oracle: the official definition written as a loop over
 the 49 offsets, in numpy float64. The tests use it as the reference on arbitrary shapes.
@@ -136,8 +137,9 @@ def bench_models(args) -> None:
     device = torch.device(args.device)
     names = args.models.split(",")
     print(f"device: {_device_name(device)}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"patch {args.patch}, amp {args.amp}, compile {args.compile}")
-    print(f"{'model':8s} {'impl':8s} {'batch':>5s} {'samples/s':>10s} {'ms/step':>8s} {'peak MiB':>9s}")
+          f"patch {args.patch}")
+    print(f"{'model':8s} {'impl':8s} {'amp':5s} {'compile':7s} {'batch':>5s} {'samples/s':>10s} {'ms/step':>8s} "
+          f"{'peak MiB':>9s}")
     for name in names:
         cfg = AUTHORS_CONFIG[name]
         batch = args.batch or cfg["batch"]
@@ -145,25 +147,95 @@ def bench_models(args) -> None:
         ref_path = {"qanet": args.qanet_ref, "piunet": args.piunet_ref}[name]
         if ref_path:
             impls.append(("authors", lambda: _load_reference(name, ref_path)))
-        for impl, make in impls:
-            torch.manual_seed(0)
-            model = make().to(device).train()
-            if args.compile:
-                model = torch.compile(model)
-            step = _train_step_fn(model, name, batch, cfg["frames"], args.patch, device, args.amp, impl == "authors")
-            for _ in range(args.warmup):
-                step()
-            _sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            _sync(device)
-            dt = (time.perf_counter() - t) / args.steps
-            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else float("nan")
-            print(f"{name:8s} {impl:8s} {batch:5d} {batch / dt:10.2f} {dt * 1e3:8.1f} {peak:9.0f}")
-            del model
+        for amp in args.amp.split(","):
+            for compiled in [c == "on" for c in args.compile.split(",")]:
+                for impl, make in impls:
+                    torch.manual_seed(0)
+                    model = make().to(device).train()
+                    if args.channels_last and impl == "ours":
+                        model = model.to(memory_format=torch.channels_last)
+                    if compiled:
+                        model = torch.compile(model)
+                    step = _train_step_fn(model, name, batch, cfg["frames"], args.patch, device, amp,
+                                          impl == "authors")
+                    try:
+                        for _ in range(args.warmup):
+                            step()
+                        _sync(device)
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats(device)
+                        t = time.perf_counter()
+                        for _ in range(args.steps):
+                            step()
+                        _sync(device)
+                    except torch.OutOfMemoryError:
+                        print(f"{name:8s} {impl:8s} {amp:5s} {str(compiled):7s} {batch:5d} out of memory")
+                        continue
+                    dt = (time.perf_counter() - t) / args.steps
+                    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else float("nan")
+                    print(f"{name:8s} {impl:8s} {amp:5s} {str(compiled):7s} {batch:5d} {batch / dt:10.2f} "
+                          f"{dt * 1e3:8.1f} {peak:9.0f}", flush=True)
+                    del model, step
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+
+
+def bench_valid(args) -> None:
+    """Full-scene validation throughput: SR of (B,9,128,128) batches plus cPSNR, per model."""
+    from models import build_model
+    from utils.evaluate import super_resolve
+    from utils.metrics import cpsnr
+    device = torch.device(args.device)
+    print(f"device: {_device_name(device)}, batch {args.batch} scenes, amp {args.amp}")
+    g = torch.Generator().manual_seed(0)
+    lr = torch.rand(args.batch, 9, 128, 128, generator=g).to(device)
+    qm = (torch.rand(args.batch, 9, 128, 128, generator=g) > 0.1).float().to(device)
+    hr = torch.rand(args.batch, 1, 384, 384, generator=g).to(device)
+    for name in args.models.split(","):
+        model = build_model(name).to(device).eval()
+        t = _timeit(lambda: cpsnr(super_resolve(model, lr, qm, args.amp)["sr"], hr, qm.new_ones(hr.shape)), device, 2)
+        print(f"{name:8s} {args.batch / t:8.2f} scenes/s  ({t / args.batch * 1e3:.1f} ms/scene, SR + cPSNR)")
+
+
+def bench_loader(args) -> None:
+    """Scene decoding (PNG vs the .npz cache) and training-patch loading, in samples/s."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from torch.utils.data import DataLoader
+    from data import ProbaVDataset
+    from data.synthetic import generate
+    root = Path(args.data_dir)
+    if not root.exists():
+        print(f"generating synthetic scenes in {root}")
+        generate(root)
+    cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    try:
+        kw = dict(bands="all", n_frames=9, selection="weighted", patch_size=32, min_clear=0.25, progress=False)
+        t = time.perf_counter()
+        ds = ProbaVDataset(root, "train", cache_dir=cache, **kw)
+        cold = time.perf_counter() - t
+        t = time.perf_counter()
+        ds = ProbaVDataset(root, "train", cache_dir=cache, **kw)
+        warm = time.perf_counter() - t
+        n = len(ds.scenes)
+        print(f"{root}: {n} train scenes; decode PNGs + write cache {n / cold:7.1f} scenes/s, "
+              f"read cache {n / warm:7.1f} scenes/s")
+        for workers in [int(w) for w in args.workers.split(",")]:
+            loader = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=workers, drop_last=True,
+                                pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+            count, t = 0, None
+            for epoch in range(args.epochs + 1):
+                ds.set_epoch(epoch)
+                for batch in loader:
+                    count += len(batch["name"]) if t is not None else 0
+                if t is None:  # the first epoch starts the workers: not counted
+                    t = time.perf_counter()
+            dt = time.perf_counter() - t
+            print(f"loader, {workers} workers, batch {args.batch}, 32x32 patches, 9 weighted frames: "
+                  f"{count / dt:9.1f} samples/s")
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def _device_name(device: torch.device) -> str:
@@ -184,14 +256,25 @@ def main(argv=None) -> None:
     mo.add_argument("--models", default="qanet,piunet")
     mo.add_argument("--batch", type=int, default=0, help="0: the authors' batch (QA-Net 10, PIUnet 24)")
     mo.add_argument("--patch", type=int, default=32)
-    mo.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
-    mo.add_argument("--compile", action="store_true")
+    mo.add_argument("--amp", default="off", help="comma list of off, bf16, fp16")
+    mo.add_argument("--compile", default="off", help="comma list of off, on")
+    mo.add_argument("--channels_last", action="store_true")
     mo.add_argument("--steps", type=int, default=5)
     mo.add_argument("--warmup", type=int, default=2)
     mo.add_argument("--qanet_ref", default="", help="a local checkout of the authors' QA-Net, to time it too")
     mo.add_argument("--piunet_ref", default="", help="a local checkout of the authors' PIUnet, to time it too")
+    va = sub.add_parser("valid")
+    va.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    va.add_argument("--models", default="qanet,piunet")
+    va.add_argument("--batch", type=int, default=4)
+    va.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    lo = sub.add_parser("loader")
+    lo.add_argument("--data_dir", default="datasets/synthetic")
+    lo.add_argument("--workers", default="0,2")
+    lo.add_argument("--batch", type=int, default=10)
+    lo.add_argument("--epochs", type=int, default=3)
     args = p.parse_args(argv)
-    {"metric": bench_metric, "models": bench_models}[args.what](args)
+    {"metric": bench_metric, "models": bench_models, "valid": bench_valid, "loader": bench_loader}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -213,7 +213,11 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
             print(f"resuming {run} at epoch {epoch}, step {step}")
     model: nn.Module = SRModule(net)
     if dist.enabled:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # PIUnet's uncertainty head gets no gradient from the losses that ignore it (registered L1)
+        losses = {cfg.loss} | ({cfg.warmup_loss} if cfg.warmup_loss and cfg.warmup_epochs > 0 else set())
+        unused = net.has_uncertainty and losses != {"l1u_reg"}
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=unused)
     if cfg.compile:
         model = torch.compile(model)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data import (DataError, DatasetNotFoundError, ProbaVDataset, list_scenes, load_scene_cached, read_norm,
@@ -245,3 +246,39 @@ def test_decode_cache_is_invalidated_when_files_change(tmp_path):
     c = load_scene_cached(p, cache)
     assert c["lr"][0, 0, 0] == new[0, 0]
     assert np.allclose(c["clearance"], a["qm"].mean((1, 2)))
+
+
+def test_repeats_draw_different_patches_and_fill_clouds(synthetic_root):
+    ds = ProbaVDataset(synthetic_root, "train", bands="NIR", n_frames=9, selection="weighted", patch_size=16,
+                       repeats=3, progress=False)
+    n = len(ds.scenes)
+    assert len(ds) == 3 * n
+    a, b = ds[0], ds[n]
+    assert a["name"] == b["name"] and not torch.equal(a["lr"], b["lr"])  # same scene, another patch
+    with pytest.raises(IndexError):
+        ds[3 * n]
+    filled = ProbaVDataset(synthetic_root, "train", bands="NIR", n_frames=9, selection="clearest",
+                           fill_clouds=True, progress=False)[0]
+    plain = ProbaVDataset(synthetic_root, "train", bands="NIR", n_frames=9, selection="clearest", progress=False)[0]
+    clear = plain["lr_mask"] > 0
+    assert torch.equal(filled["lr"][clear], plain["lr"][clear]) and torch.equal(filled["lr_mask"], plain["lr_mask"])
+    assert (~clear).any()
+    # a cloudy pixel takes the median of the clear values of that pixel
+    t, y, x = [int(v[0]) for v in torch.nonzero(~clear, as_tuple=True)]
+    col = plain["lr"][:, y, x][clear[:, y, x]]
+    if len(col):
+        assert filled["lr"][t, y, x].item() == pytest.approx(float(np.median(col.numpy())), abs=1e-7)
+
+
+def test_step_batch_sampler_splits_steps_over_processes_and_accumulation():
+    from data.sampler import StepBatchSampler
+    one = list(StepBatchSampler(20, 2, world=1, rank=0, accum_steps=2, seed=3, epoch=1))
+    r0 = list(StepBatchSampler(20, 2, world=2, rank=0, accum_steps=1, seed=3, epoch=1))
+    r1 = list(StepBatchSampler(20, 2, world=2, rank=1, accum_steps=1, seed=3, epoch=1))
+    assert one[0::2] == r0 and one[1::2] == r1  # micro-batch a of one process = rank a of two
+    assert len(one) == 10 and sorted(sum(one, [])) == list(range(20))
+    skipped = list(StepBatchSampler(20, 2, accum_steps=2, seed=3, epoch=1, skip_steps=3))
+    assert skipped == one[6:]
+    assert list(StepBatchSampler(20, 2, seed=3, epoch=2)) != list(StepBatchSampler(20, 2, seed=3, epoch=1))
+    with pytest.raises(ValueError, match="cannot fill one optimizer step"):
+        StepBatchSampler(5, 2, world=2, accum_steps=2)
