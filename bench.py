@@ -144,6 +144,9 @@ def bench_models(args) -> None:
         cfg = AUTHORS_CONFIG[name]
         batch = args.batch or cfg["batch"]
         impls = [("ours", lambda: build_model(name))]
+        if args.channels_last:
+            from models import set_channels_last
+            impls.append(("ours-cl", lambda: set_channels_last(build_model(name))))
         ref_path = {"qanet": args.qanet_ref, "piunet": args.piunet_ref}[name]
         if ref_path:
             impls.append(("authors", lambda: _load_reference(name, ref_path)))
@@ -152,8 +155,6 @@ def bench_models(args) -> None:
                 for impl, make in impls:
                     torch.manual_seed(0)
                     model = make().to(device).train()
-                    if args.channels_last and impl == "ours":
-                        model = model.to(memory_format=torch.channels_last)
                     if compiled:
                         model = torch.compile(model)
                     step = _train_step_fn(model, name, batch, cfg["frames"], args.patch, device, amp,
@@ -258,7 +259,7 @@ def main(argv=None) -> None:
     mo.add_argument("--patch", type=int, default=32)
     mo.add_argument("--amp", default="off", help="comma list of off, bf16, fp16")
     mo.add_argument("--compile", default="off", help="comma list of off, on")
-    mo.add_argument("--channels_last", action="store_true")
+    mo.add_argument("--channels_last", action="store_true", help="also time our models with NHWC features")
     mo.add_argument("--steps", type=int, default=5)
     mo.add_argument("--warmup", type=int, default=2)
     mo.add_argument("--qanet_ref", default="", help="a local checkout of the authors' QA-Net, to time it too")

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> Path:
                 device = resolve_device(cfg.device)
                 model = model.to(device)
                 ds = ProbaVDataset(cfg.data_dir, "test", bands=band, n_frames=cfg.n_frames,
-                                   selection=cfg.val_selection, cache_dir=cfg.cache_dir or None, fill_clouds=cfg.fill_clouds, seed=cfg.seed)
+                                   selection=cfg.val_selection, cache_dir=cfg.cache_dir or None,
+                                   fill_clouds=cfg.fill_clouds, seed=cfg.seed)
                 for batch, result in iterate(model, ds, device, cfg.amp, cfg.val_batch_size, cfg.ensemble,
                                              desc=f"predicting {band}"):
                     for i, name in enumerate(batch["name"]):

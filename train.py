@@ -28,7 +28,7 @@ from tqdm import tqdm
 from config import Config, ConfigError, parse_args
 from data import DataError, ProbaVDataset, read_norm
 from data.sampler import StepBatchSampler
-from models import build_model, esa_baseline
+from models import build_model, esa_baseline, set_channels_last
 from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
 from utils.evaluate import evaluate, make_panel, summarize
 from utils.losses import compute_loss
@@ -196,7 +196,7 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net = net.to(device)
     if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        set_channels_last(net)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_milestones), cfg.lr_gamma)
     scaler = make_scaler(device, cfg.amp)
@@ -277,10 +277,9 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
                 mean_loss = float(total[0]) / dist.world
                 if not math.isfinite(mean_loss):
                     last = run / "checkpoints" / "last.pt"
-                    raise TrainingDiverged(
-                        f"the {loss_name} loss is {mean_loss} at epoch {epoch + 1}, step {step + 1}: training "
-                        f"stopped. {'The last good checkpoint is ' + str(last) if last.exists() else 'No checkpoint was written yet'}."
-                        f" Try a lower --lr, --grad_clip, or --amp=off.")
+                    kept = f"The last good checkpoint is {last}." if last.exists() else "No checkpoint was written yet."
+                    raise TrainingDiverged(f"the {loss_name} loss is {mean_loss} at epoch {epoch + 1}, step {step + 1}: "
+                                           f"training stopped. {kept} Try a lower --lr, --grad_clip, or --amp=off.")
                 scaler.unscale_(optimizer)
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)

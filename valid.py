@@ -77,10 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, model, out = load_for_eval(argv, cfg_split(argv))
     device = resolve_device(cfg.device)
     model = model.to(device)
-    ds = ProbaVDataset(cfg.data_dir, cfg.split, bands=cfg.band, n_frames=cfg.n_frames, selection=cfg.val_selection,
-                       cache_dir=cfg.cache_dir or None, fill_clouds=cfg.fill_clouds, val_fraction=cfg.val_fraction, seed=cfg.seed)
     if cfg.split == "test":
         raise ConfigError("the test split has no HR images to score; use predict.py")
+    ds = ProbaVDataset(cfg.data_dir, cfg.split, bands=cfg.band, n_frames=cfg.n_frames, selection=cfg.val_selection,
+                       cache_dir=cfg.cache_dir or None, fill_clouds=cfg.fill_clouds, val_fraction=cfg.val_fraction,
+                       seed=cfg.seed)
     norm_file = Path(cfg.data_dir) / "norm.csv"
     norm = read_norm(norm_file) if norm_file.exists() else {}
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .baseline import ESABaseline, bicubic_upscale, esa_baseline
 from .piunet import PIUnet
+from .layers import set_channels_last
 from .qanet import QANet
 
 MODELS: dict[str, type[nn.Module]] = {"qanet": QANet, "piunet": PIUnet, "baseline": ESABaseline}
@@ -75,5 +76,5 @@ def from_reference(name: str, state_dict: dict | None = None, config: dict | Non
     return model.eval()
 
 
-__all__ = ["MODELS", "build_model", "from_reference", "QANet", "PIUnet", "ESABaseline", "esa_baseline",
+__all__ = ["MODELS", "build_model", "from_reference", "set_channels_last", "QANet", "PIUnet", "ESABaseline", "esa_baseline",
            "bicubic_upscale", "REFERENCE_NAMES"]

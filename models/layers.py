@@ -4,7 +4,8 @@ Both networks work on a stack of frames per scene. The authors keep features as 
 ``(B, C, T, H, W)`` and move between that, ``(B*T, C, H, W)`` and ``(T, B*H*W, C)`` with many
 reshapes. Here features stay ``(B*T, C, H, W)`` throughout: a ``1x3x3`` 3-D convolution is then a
 plain 2-D convolution, a BatchNorm3d over channels is a BatchNorm2d, and only the attention over
-the frame axis needs a transposed copy. Parameter names and shapes are those of the authors'
+the frame axis needs a transposed copy. Every block also works on channels-last tensors
+(:func:`set_channels_last`), without extra copies. Parameter names and shapes are those of the authors'
 modules, so their checkpoints load unchanged.
 """
 from __future__ import annotations
@@ -12,6 +13,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is stored channels-last (and not also plainly contiguous, as when C=1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def set_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run QA-Net or PIUnet with channels-last features (NHWC), the layout that oneDNN (CPU) and
+    tensor cores (CUDA) convolve fastest. The same numerics up to float rounding; returns ``model``."""
+    model.memory_format = torch.channels_last if enabled else torch.contiguous_format
+    return model
 
 
 class FrameConv(nn.Module):
@@ -54,9 +67,20 @@ class FrameAttention(nn.Module):
 
     @staticmethod
     def _to_seq(x: torch.Tensor, frames: int) -> torch.Tensor:
-        # (B*T, C, H, W) -> (B*H*W, T, C): one sequence of T frames per pixel
+        # (B*T, C, H, W) -> (B*H*W, T, C): one sequence of T frames per pixel (one copy either layout)
         bt, c, h, w = x.shape
+        if is_channels_last(x):
+            return x.permute(0, 2, 3, 1).reshape(bt // frames, frames, h * w, c).transpose(1, 2).reshape(-1, frames, c)
         return x.view(bt // frames, frames, c, h * w).permute(0, 3, 1, 2).reshape(-1, frames, c)
+
+    @staticmethod
+    def _from_seq(y: torch.Tensor, shape: torch.Size, frames: int, channels_last: bool) -> torch.Tensor:
+        # (B*H*W, T, C) -> (B*T, C, H, W), in the layout of the input
+        bt, c, h, w = shape
+        y = y.view(bt // frames, h * w, frames, c)
+        if channels_last:
+            return y.transpose(1, 2).reshape(bt, h, w, c).permute(0, 3, 1, 2)
+        return y.permute(0, 2, 3, 1).reshape(bt, c, h, w)
 
     def forward(self, query: torch.Tensor, key_value: torch.Tensor | None = None, frames: int = 1) -> torch.Tensor:
         bt, c, h, w = query.shape
@@ -74,8 +98,7 @@ class FrameAttention(nn.Module):
         q, k, v = (t.reshape(n, frames, heads, d).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, d); scale 1/sqrt(d) as MHA
         out = self.out_proj(out.transpose(1, 2).reshape(n, frames, c))
-        # (B*H*W, T, C) -> (B*T, C, H, W)
-        return out.view(bt // frames, h * w, frames, c).permute(0, 2, 3, 1).reshape(bt, c, h, w)
+        return self._from_seq(out, query.shape, frames, is_channels_last(query))
 
 
 class FrameBatchNorm(nn.BatchNorm2d):
@@ -87,7 +110,10 @@ class FrameBatchNorm(nn.BatchNorm2d):
         t = self.num_features
         if bt % t:
             raise ValueError(f"this model was built for T={t} frames; got a batch of {bt} frames")
+        if is_channels_last(x):  # physically (B*T, H, W, C): normalise (B, T, H*W*C, 1), a view
+            y = super().forward(x.permute(0, 2, 3, 1).reshape(bt // t, t, h * w * c, 1))
+            return y.reshape(bt, h, w, c).permute(0, 3, 1, 2)
         return super().forward(x.view(bt // t, t, c * h, w)).view(bt, c, h, w)
 
 
-__all__ = ["FrameConv", "FrameAttention", "FrameBatchNorm"]
+__all__ = ["FrameConv", "FrameAttention", "FrameBatchNorm", "is_channels_last", "set_channels_last"]

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import FrameAttention, FrameConv
+from .layers import FrameAttention, FrameConv, is_channels_last
 
 RAW_MEAN = 7433.6436  # the authors' standardisation of raw uint16 PROBA-V values
 RAW_STD = 2353.0723
@@ -39,8 +39,7 @@ def destandardize(x: torch.Tensor) -> torch.Tensor:
 
 def _frame_mean(x: torch.Tensor, frames: int) -> torch.Tensor:
     """``(B*T, C, H, W) -> (B, C, H, W)``: mean over the frames."""
-    bt, c, h, w = x.shape
-    return x.view(bt // frames, frames, c, h, w).mean(1)
+    return x.unflatten(0, (x.shape[0] // frames, frames)).mean(1)
 
 
 class TEFA(nn.Module):
@@ -63,7 +62,10 @@ class TEFA(nn.Module):
         h = F.leaky_relu(self.norm11(self.conv1(h)))
         h = self.norm1(h + self.tran1(h, None, frames))
         bt, c = h.shape[:2]
-        z = h.view(bt // frames, frames, c, -1).mean((1, 3))  # (B, C): mean over frames and pixels
+        if is_channels_last(h):  # (B, C): mean over frames and pixels
+            z = h.permute(0, 2, 3, 1).reshape(bt // frames, -1, c).mean(1)
+        else:
+            z = h.view(bt // frames, frames, c, -1).mean((1, 3))
         z = torch.sigmoid(self.lin1(F.leaky_relu(self.lin0(z))))
         return h * z.repeat_interleave(frames, 0)[:, :, None, None] + h0
 
@@ -128,7 +130,9 @@ class PIUnet(nn.Module):
 
     def forward(self, lrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, h, w = lrs.shape
-        x = F.leaky_relu(self.norm00(self.conv_in(lrs.reshape(b * t, 1, h, w))))
+        x = self.conv_in(lrs.reshape(b * t, 1, h, w))
+        x = F.leaky_relu(self.norm00(x.contiguous(memory_format=getattr(self, "memory_format",
+                                                                         torch.contiguous_format))))
         x = self.norm0(x + self.tran_in(x, None, t))
         x_res = x
         for block in self.res:

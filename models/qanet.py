@@ -130,12 +130,14 @@ class QANet(nn.Module):
             raise ValueError(f"QANet: lrs {tuple(lrs.shape)} and qms {tuple(qms.shape)} differ in shape")
         # one shared first convolution for frames and quality maps
         x, q = self.init(torch.cat([lrs, qms.to(lrs.dtype)]).reshape(2 * b * t, 1, h, w)).chunk(2)
+        fmt = getattr(self, "memory_format", torch.contiguous_format)
+        x, q = x.contiguous(memory_format=fmt), q.contiguous(memory_format=fmt)
         x0 = x
         for lem, qem in zip(self.lems, self.qems):
             x = lem(x, q)
             q = qem(q)
-        x = (x + x0).view(b, t, -1, h, w)
-        q = q.view(b, t, -1, h, w)
+        x = (x + x0).unflatten(0, (b, t))
+        q = q.unflatten(0, (b, t))
         fused = (x * q).sum(1) / q.sum(1)  # QM-weighted mean over frames; q > 0 (a sigmoid)
         return F.pixel_shuffle(self.last(fused), self.scale)
 

@@ -161,3 +161,28 @@ def test_qanet_non_square(mode):
 def test_qanet_rejects_wrong_frame_count():
     with pytest.raises(ValueError, match="n_frames=4"):
         QANet(**TINY["qanet"])(torch.rand(1, 5, 8, 8), torch.ones(1, 5, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["qanet", "piunet"])
+def test_channels_last_layout_gives_the_same_outputs_and_gradients(name):
+    import copy
+    from models import set_channels_last
+    torch.manual_seed(0)
+    kw = dict(n_modules=2, n_resblocks=1, n_feats=8, reduction=4) if name == "qanet" else dict(n_feats=8, n_tefa=1,
+                                                                                               r_bneck=4)
+    a = build_model(name, **kw)
+    b = set_channels_last(copy.deepcopy(a))
+    lr, qm = torch.rand(2, 9, 12, 20), (torch.rand(2, 9, 12, 20) > 0.2).float()
+    for mode in ("train", "eval"):
+        a.train(mode == "train")
+        b.train(mode == "train")
+        oa, ob = a.super_resolve(lr, qm)["sr"], b.super_resolve(lr, qm)["sr"]
+        torch.testing.assert_close(ob, oa, rtol=0, atol=1e-5)
+        a.zero_grad()
+        b.zero_grad()
+        oa.square().mean().backward()
+        ob.square().mean().backward()
+        scale = max(p.grad.abs().max() for p in a.parameters() if p.grad is not None)
+        for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+            if pa.grad is not None:
+                assert (pa.grad - pb.grad).abs().max() <= 1e-4 * scale, k

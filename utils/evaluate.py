@@ -1,7 +1,6 @@
 """Batched inference and scoring on full scenes, shared by train.py, valid.py and predict.py."""
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable
 
 import numpy as np
@@ -154,6 +153,3 @@ def make_panel(lr: np.ndarray, baseline: np.ndarray, sr: np.ndarray, hr: np.ndar
         out[:, i * (W + gap):i * (W + gap) + W] = t
     return out
 
-
-def mean_or_nan(values: list[float]) -> float:
-    return _nanmean(values) if values else math.nan
