@@ -1,7 +1,8 @@
 """Benchmarks that print figures; nothing here is a pass/fail test.
 
     python bench.py metric [--device=cpu] [--scenes=16]      cPSNR/cSSIM speed vs a 49-offset loop
-    python bench.py models [--device=cuda] [--amp=bf16] ...  train samples/s and peak memory per model
+    python bench.py models [--device=cuda] [--amp=off,bf16] [--compile=off,on] [--impls=ours,ours-cl]
+                           [--qanet_ref=DIR] [--piunet_ref=DIR]  train samples/s and peak memory per model
     python bench.py loader [--data_dir=...] [--workers=0,2]  decode cache and patch loader samples/s
     python bench.py valid [--device=cuda] [--batch=8]         full-scene validation scenes/s per model
 
@@ -89,6 +90,7 @@ def _load_reference(name: str, path: str):
     """The authors' model class from a local checkout of their repository (never shipped here):
     QA-Net from ``<path>/net/qanet.py`` + ``utils/resize.py``; PIUnet from ``<path>/Code/piunet/model.py``."""
     import importlib.util
+    import re
     import sys
     import types
     from pathlib import Path
@@ -96,8 +98,10 @@ def _load_reference(name: str, path: str):
     if name == "qanet":
         resize = importlib.util.spec_from_file_location("resize", root / "utils" / "resize.py")
         mod_r = importlib.util.module_from_spec(resize)
+        sys.modules["resize"] = mod_r  # torch.compile looks the helpers' module up by name
         resize.loader.exec_module(mod_r)
-        src = (root / "net" / "qanet.py").read_text().replace("from utils.resize import *", "")
+        # the resize helpers are put in the namespace below, whichever way the file imports them
+        src = re.sub(r"^from (utils\.)?resize import \*", "", (root / "net" / "qanet.py").read_text(), flags=re.M)
         ns: dict = dict(vars(mod_r))
         exec(compile(src, str(root / "net" / "qanet.py"), "exec"), ns)
         cfg = dict(N_modules=12, N_resblocks=8, N_feats=36, reduction=16, N_heads=1, scale=3, N_lrs=9, rcab_bn=False)
@@ -109,21 +113,34 @@ def _load_reference(name: str, path: str):
     return mod.PIUNET(types.SimpleNamespace(N_feat=42, R_bneck=8, N_tefa=16, N_heads=1))
 
 
-def _train_step_fn(model, name: str, batch: int, frames: int, patch: int, device, amp: str, reference: bool):
+def _train_step_fn(model, name: str, batch: int, frames: int, patch: int, device, amp: str, reference: bool,
+                   graphs: bool = False):
+    """One training step as train.py runs it (the authors' code: with the plain Adam it ships with)."""
+    from utils.runtime import cuda_graphed, make_optimizer
     lr = torch.rand(batch, frames, patch, patch, device=device)
     qm = (torch.rand(batch, frames, patch, patch, device=device) > 0.1).float()
     hr = torch.rand(batch, 1, 3 * patch, 3 * patch, device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4) if reference else make_optimizer(model.parameters(), 1e-4, 0.0,
+                                                                                          device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+    class Core(torch.nn.Module):  # the models' raw forward, as the authors' code calls it
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, lr, qm):
+            return self.net(lr, qm) if name == "qanet" else self.net(lr)
+
+    core = Core()
+    fwd = cuda_graphed(core, (lr, qm), amp) if graphs else core
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            if name == "qanet":
-                out = model(lr, qm)
-            else:
-                out, s = model(lr)
-                out = out + 0 * s.mean()
+            out = fwd(lr, qm)
+            if name != "qanet":
+                out = out[0] + 0 * out[1].mean()
         loss = (out.float() - hr).abs().mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 15.0)
@@ -133,49 +150,60 @@ def _train_step_fn(model, name: str, batch: int, frames: int, patch: int, device
 
 def bench_models(args) -> None:
     """Training samples/s and peak memory per model at the authors' configurations."""
-    from models import build_model
+    from models import build_model, set_channels_last
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     names = args.models.split(",")
     print(f"device: {_device_name(device)}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"patch {args.patch}")
-    print(f"{'model':8s} {'impl':8s} {'amp':5s} {'compile':7s} {'batch':>5s} {'samples/s':>10s} {'ms/step':>8s} "
-          f"{'peak MiB':>9s}")
+    print(f"{'model':8s} {'impl':8s} {'amp':5s} {'mode':7s} {'batch':>5s} {'samples/s':>10s} {'ms/step':>8s} "
+          f"{'peak MiB':>9s} {'reserved':>9s}")
     for name in names:
         cfg = AUTHORS_CONFIG[name]
         batch = args.batch or cfg["batch"]
-        impls = [("ours", lambda: build_model(name))]
-        if args.channels_last:
-            from models import set_channels_last
-            impls.append(("ours-cl", lambda: set_channels_last(build_model(name))))
         ref_path = {"qanet": args.qanet_ref, "piunet": args.piunet_ref}[name]
-        if ref_path:
-            impls.append(("authors", lambda: _load_reference(name, ref_path)))
+        makers = {"ours": lambda: build_model(name), "ours-cl": lambda: set_channels_last(build_model(name)),
+                  "authors": lambda: _load_reference(name, ref_path)}
+        wanted = args.impls.split(",") + (["authors"] if ref_path else [])
+        unknown = set(wanted) - set(makers)
+        if unknown:
+            raise SystemExit(f"--impls: unknown {sorted(unknown)}; choose from ours, ours-cl")
+        impls = [(k, makers[k]) for k in dict.fromkeys(wanted)]
+        modes = [(c == "on", False) for c in args.compile.split(",")]
+        modes += [(False, True)] if args.graphs else []
         for amp in args.amp.split(","):
-            for compiled in [c == "on" for c in args.compile.split(",")]:
+            for compiled, graphs in modes:
                 for impl, make in impls:
+                    if graphs and impl == "authors":
+                        continue
                     torch.manual_seed(0)
+                    if device.type == "cuda":  # peak over everything from here: warm-up, graph capture, steps
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(device)
                     model = make().to(device).train()
                     if compiled:
                         model = torch.compile(model)
-                    step = _train_step_fn(model, name, batch, cfg["frames"], args.patch, device, amp,
-                                          impl == "authors")
+                    mode = "graphs" if graphs else "compile" if compiled else "eager"
                     try:
+                        step = _train_step_fn(model, name, batch, cfg["frames"], args.patch, device, amp,
+                                              impl == "authors", graphs)
                         for _ in range(args.warmup):
                             step()
                         _sync(device)
-                        if device.type == "cuda":
-                            torch.cuda.reset_peak_memory_stats(device)
                         t = time.perf_counter()
                         for _ in range(args.steps):
                             step()
                         _sync(device)
                     except torch.OutOfMemoryError:
-                        print(f"{name:8s} {impl:8s} {amp:5s} {str(compiled):7s} {batch:5d} out of memory")
+                        print(f"{name:8s} {impl:8s} {amp:5s} {mode:7s} {batch:5d} out of memory")
                         continue
                     dt = (time.perf_counter() - t) / args.steps
-                    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else float("nan")
-                    print(f"{name:8s} {impl:8s} {amp:5s} {str(compiled):7s} {batch:5d} {batch / dt:10.2f} "
-                          f"{dt * 1e3:8.1f} {peak:9.0f}", flush=True)
+                    cuda = device.type == "cuda"
+                    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else float("nan")
+                    reserved = torch.cuda.max_memory_reserved(device) / 2 ** 20 if cuda else float("nan")
+                    print(f"{name:8s} {impl:8s} {amp:5s} {mode:7s} {batch:5d} {batch / dt:10.2f} "
+                          f"{dt * 1e3:8.1f} {peak:9.0f} {reserved:9.0f}", flush=True)
                     del model, step
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -259,7 +287,9 @@ def main(argv=None) -> None:
     mo.add_argument("--patch", type=int, default=32)
     mo.add_argument("--amp", default="off", help="comma list of off, bf16, fp16")
     mo.add_argument("--compile", default="off", help="comma list of off, on")
-    mo.add_argument("--channels_last", action="store_true", help="also time our models with NHWC features")
+    mo.add_argument("--impls", default="ours-cl",
+                    help="comma list of ours (NCHW features), ours-cl (channels-last, the training default)")
+    mo.add_argument("--graphs", action="store_true", help="also time our models with CUDA graphs (train.py --cuda_graphs)")
     mo.add_argument("--steps", type=int, default=5)
     mo.add_argument("--warmup", type=int, default=2)
     mo.add_argument("--qanet_ref", default="", help="a local checkout of the authors' QA-Net, to time it too")

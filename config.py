@@ -40,6 +40,7 @@ class Config:
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     amp: str = "off"  # off | bf16 | fp16 (CUDA; fp16 uses a gradient scaler)
     compile: bool = False  # torch.compile the model for training
+    cuda_graphs: bool = False  # replay the training forward+backward as CUDA graphs (one CUDA process, no compile)
     channels_last: bool = True  # NHWC features (models.set_channels_last): 1.1-1.3x faster training on CPU
 
     # --- data --------------------------------------------------------------------------------
@@ -189,6 +190,10 @@ def _check(cfg: Config) -> Config:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be at least 1")
     if not 0.0 <= cfg.min_clear <= 1.0:
         raise ConfigError(f"min_clear={cfg.min_clear} must lie in [0, 1]")
+    if cfg.cuda_graphs and cfg.compile:
+        raise ConfigError("cuda_graphs=true and compile=true: choose one (compile has its own graph mode)")
+    if cfg.cuda_graphs and cfg.device == "cpu":
+        raise ConfigError("cuda_graphs=true needs a CUDA device; use --device=cuda or --cuda_graphs=false")
     return cfg
 
 

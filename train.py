@@ -32,7 +32,8 @@ from models import build_model, esa_baseline, set_channels_last
 from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
 from utils.evaluate import evaluate, make_panel, summarize
 from utils.losses import compute_loss
-from utils.runtime import Dist, autocast, init_distributed, make_scaler, rng_state, seed_everything, set_rng_state
+from utils.runtime import (Dist, autocast, cuda_graphed, init_distributed, make_optimizer, make_scaler, rng_state,
+                           seed_everything, set_rng_state)
 
 
 class TrainingDiverged(RuntimeError):
@@ -197,7 +198,7 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
     net = net.to(device)
     if cfg.channels_last:
         set_channels_last(net)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(net.parameters(), cfg.lr, cfg.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_milestones), cfg.lr_gamma)
     scaler = make_scaler(device, cfg.amp)
     epoch, step, skip, best = 0, 0, 0, math.inf
@@ -220,6 +221,10 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
                                         find_unused_parameters=unused)
     if cfg.compile:
         model = torch.compile(model)
+    if cfg.cuda_graphs and (device.type != "cuda" or dist.enabled):
+        raise ConfigError("cuda_graphs=true needs a single CUDA process (not CPU, not torchrun); "
+                          "drop --cuda_graphs or use --amp/--compile instead")
+    graphed = None  # captured at the first training batch, whose shapes every later batch shares
 
     writer = None
     if dist.main:
@@ -265,9 +270,11 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
                     mb = next(batches)
                     mb = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in mb.items()}
                     sync = nullcontext() if not dist.enabled or a == cfg.accum_steps - 1 else model.no_sync()
+                    if cfg.cuda_graphs and graphed is None:
+                        graphed = cuda_graphed(SRModule(net), (mb["lr"], mb["lr_mask"]), cfg.amp)
                     with sync:
                         with autocast(device, cfg.amp):
-                            out = model(mb["lr"], mb["lr_mask"])
+                            out = (model if graphed is None else graphed)(mb["lr"], mb["lr_mask"])
                         loss = compute_loss(loss_name, out, mb["hr"], mb["hr_mask"])
                         scaler.scale(loss / cfg.accum_steps).backward()
                     total[0] += loss.detach().double().cpu() / cfg.accum_steps
