@@ -105,15 +105,18 @@ class FrameAttention(nn.Module):
             k, v = F.linear(kv_in, self.in_proj_weight[c:], self.in_proj_bias[c:]).chunk(2, -1)
         n = q.shape[0]
         q, k, v = (t.reshape(n, frames, heads, d).transpose(1, 2) for t in (q, k, v))
-        # (N, heads, T, d). T is a handful of frames: written out, the attention is three small batched
-        # products, which on an H100 train 1.2-1.6x faster than the fused SDPA kernels (those pad the
-        # head size to 64 and are built for long sequences). CUDA grids stop at 65535 rows and a
-        # 128x128 scene has 16384 sequences, so full-scene batches go through in chunks there.
+        # (N, heads, T, d). T is a handful of frames. On CUDA the attention is written out as three
+        # small batched products, which train 1.2-1.6x faster there than the fused SDPA kernels (those
+        # pad the head size to 64 and are built for long sequences); CUDA grids stop at 65535 rows and
+        # a 128x128 scene has 16384 sequences, so full-scene batches go through in chunks. On CPU the
+        # fused kernel is the faster one (PIUnet's step takes 1.2x longer with the products).
         step = max(1, _ATTENTION_ROWS // heads)
         if q.is_cuda and n > step:
             out = torch.cat([_attention(q[i:i + step], k[i:i + step], v[i:i + step]) for i in range(0, n, step)])
-        else:
+        elif q.is_cuda:
             out = _attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         out = self.out_proj(out.transpose(1, 2).reshape(n, frames, c))
         return self._from_seq(out, query.shape, frames, is_channels_last(query))
 

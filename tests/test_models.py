@@ -186,3 +186,19 @@ def test_channels_last_layout_gives_the_same_outputs_and_gradients(name):
         for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
             if pa.grad is not None:
                 assert (pa.grad - pb.grad).abs().max() <= 1e-4 * scale, k
+
+
+def test_written_out_attention_equals_the_fused_kernel():
+    """The CUDA path's attention (explicit products) against SDPA, values and gradients, on CPU."""
+    import torch.nn.functional as F
+    from models.layers import _attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(50, 2, 9, 18, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = _attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
