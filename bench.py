@@ -1,7 +1,7 @@
 """Benchmarks that print figures; nothing here is a pass/fail test.
 
     python bench.py metric [--device=cpu] [--scenes=16]      cPSNR/cSSIM speed vs a 49-offset loop
-    python bench.py models [--device=cuda] [--amp=off,bf16] [--compile=off,on] [--impls=ours,ours-cl]
+    python bench.py models [--device=cuda] [--amp=off,bf16] [--compile=off,on] [--graphs] [--impls=ours,ours-cl]
                            [--qanet_ref=DIR] [--piunet_ref=DIR]  train samples/s and peak memory per model
     python bench.py loader [--data_dir=...] [--workers=0,2]  decode cache and patch loader samples/s
     python bench.py valid [--device=cuda] [--batch=8]         full-scene validation scenes/s per model
