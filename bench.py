@@ -3,6 +3,9 @@
     python bench.py metric [--device=cpu] [--scenes=16]      cPSNR/cSSIM speed vs a 49-offset loop
     python bench.py models [--device=cuda] [--amp=off,bf16] [--compile=off,on] [--graphs] [--impls=ours,ours-cl]
                            [--qanet_ref=DIR] [--piunet_ref=DIR]  train samples/s and peak memory per model
+
+Every command takes ``--malloc=reuse|system``: on CPU, whether freed memory is kept for reuse as
+the training and evaluation scripts do (the default) or glibc's default is timed.
     python bench.py loader [--data_dir=...] [--workers=0,2]  decode cache and patch loader samples/s
     python bench.py valid [--device=cuda] [--batch=8]         full-scene validation scenes/s per model
 
@@ -156,7 +159,7 @@ def bench_models(args) -> None:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     names = args.models.split(",")
     print(f"device: {_device_name(device)}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"patch {args.patch}")
+          f"patch {args.patch}, malloc {args.malloc}")
     print(f"{'model':8s} {'impl':8s} {'amp':5s} {'mode':7s} {'batch':>5s} {'samples/s':>10s} {'ms/step':>8s} "
           f"{'peak MiB':>9s} {'reserved':>9s}")
     for name in names:
@@ -207,6 +210,12 @@ def bench_models(args) -> None:
                     del model, step
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+    if device.type == "cpu":
+        try:  # CPU tensors have no per-row peak counter: the process's high-water mark (Unix)
+            import resource
+            print(f"process peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+        except ImportError:
+            pass
 
 
 def bench_valid(args) -> None:
@@ -304,7 +313,14 @@ def main(argv=None) -> None:
     lo.add_argument("--workers", default="0,2")
     lo.add_argument("--batch", type=int, default=10)
     lo.add_argument("--epochs", type=int, default=3)
+    for sp in (m, mo, va, lo):
+        sp.add_argument("--malloc", default="reuse", choices=["reuse", "system"],
+                        help="reuse: keep freed CPU memory for reuse, as train.py, valid.py and predict.py do "
+                             "(utils.runtime.reuse_freed_memory); system: glibc's default")
     args = p.parse_args(argv)
+    if args.malloc == "reuse":
+        from utils.runtime import reuse_freed_memory
+        reuse_freed_memory()
     {"metric": bench_metric, "models": bench_models, "valid": bench_valid, "loader": bench_loader}[args.what](args)
 
 

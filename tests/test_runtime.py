@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +67,36 @@ def test_compiled_model_matches_eager_and_trains(synthetic_root, tmp_path):
     run = train.main(_common(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={tmp_path / 'c'}",
                                                                         "--max_steps=1", "--compile"])
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 1
+
+
+_RSS_PROBE = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+from utils.runtime import reuse_freed_memory
+took = reuse_freed_memory() if {reuse} else None
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+before = rss()
+x = torch.ones(64, 2**20)  # 256 MiB, touched
+del x
+print(took, rss() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc to read the resident memory")
+def test_freed_memory_is_kept_for_reuse_only_when_asked():
+    import subprocess
+    import sys
+    root = str(Path(__file__).resolve().parents[1])
+
+    def kept_mib(reuse: bool) -> tuple[str, float]:
+        out = subprocess.run([sys.executable, "-c", _RSS_PROBE.format(root=root, reuse=reuse)], check=True,
+                             capture_output=True, text=True).stdout.split()
+        return out[0], float(out[1])
+
+    took, kept = kept_mib(True)
+    if took != "True":
+        pytest.skip("this C library has no glibc mallopt")
+    _, kept_default = kept_mib(False)
+    assert kept > 200, f"with reuse_freed_memory() a freed 256 MiB block should stay resident; {kept:.0f} MiB did"
+    assert kept_default < 50, f"glibc's default should return the block to the OS; {kept_default:.0f} MiB stayed"

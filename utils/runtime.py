@@ -3,7 +3,10 @@ the training code: CPU, one GPU and ``torchrun`` with several processes take the
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
+import sys
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +15,41 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_device", "autocast", "make_scaler", "make_optimizer", "cuda_graphed", "seed_everything", "rng_state", "set_rng_state",
-           "Dist", "init_distributed", "atomic_torch_save"]
+__all__ = ["reuse_freed_memory", "resolve_device", "autocast", "make_scaler", "make_optimizer", "cuda_graphed",
+           "seed_everything", "rng_state", "set_rng_state", "Dist", "init_distributed", "atomic_torch_save"]
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_reusing = False
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    By default glibc serves each large block (a training activation of tens of MB) with a fresh
+    ``mmap`` and returns it with ``munmap`` when the tensor dies, so the next step's tensors
+    page-fault in and zero every page again. On CPU that costs more than the arithmetic of most
+    element-wise layers: a PIUnet training step at the authors' configuration takes 1.7x longer (62 s
+    instead of 37 s on 2 cores), leaky ReLU on a 37 MB tensor 15 ms instead of 5 ms. With mmap off and
+    heap trimming off, freed blocks stay in the process and are reused: the resident memory stays at
+    the run's peak rather than shrinking between steps. The same effect as PyTorch's CPU tuning guide
+    gets from jemalloc/tcmalloc, without a preloaded library. Forked data-loader workers inherit it.
+    Returns whether the setting took (False off glibc, e.g. on macOS or musl); calling it again is
+    harmless."""
+    global _reusing
+    if _reusing:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # mallopt returns 1 on success; -1 for M_TRIM_THRESHOLD means never trim
+    _reusing = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
+    return _reusing
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -25,6 +61,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} but this machine has no CUDA GPU; use --device=cpu")
+    if device.type == "cpu":
+        reuse_freed_memory()
     if device.type == "cuda":
         # training patches and evaluation scenes have fixed shapes: let cuDNN time and keep its fastest kernels
         torch.backends.cudnn.benchmark = True
