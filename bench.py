@@ -154,6 +154,7 @@ def _train_step_fn(model, name: str, batch: int, frames: int, patch: int, device
 def bench_models(args) -> None:
     """Training samples/s and peak memory per model at the authors' configurations."""
     from models import build_model, set_channels_last
+    from utils.runtime import release_freed_memory
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
@@ -210,6 +211,9 @@ def bench_models(args) -> None:
                     del model, step
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+                    import gc
+                    gc.collect()  # the step's closures hold the model in reference cycles
+                    release_freed_memory()  # each row's blocks differ in size: start the next from a clean heap
     if device.type == "cpu":
         try:  # CPU tensors have no per-row peak counter: the process's high-water mark (Unix)
             import resource

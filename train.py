@@ -32,8 +32,8 @@ from models import build_model, esa_baseline, set_channels_last
 from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
 from utils.evaluate import evaluate, make_panel, summarize
 from utils.losses import compute_loss
-from utils.runtime import (Dist, autocast, cuda_graphed, init_distributed, make_optimizer, make_scaler, rng_state,
-                           seed_everything, set_rng_state)
+from utils.runtime import (Dist, autocast, cuda_graphed, init_distributed, make_optimizer, make_scaler,
+                           release_freed_memory, rng_state, seed_everything, set_rng_state)
 
 
 class TrainingDiverged(RuntimeError):
@@ -106,6 +106,7 @@ def validate(model: nn.Module, ds: ProbaVDataset, cfg: Config, dist: Dist, devic
     mine = indices[dist.rank::dist.world]
     records = evaluate(net, ds, device, norm, cfg.amp, cfg.val_batch_size, indices=mine,
                        progress=dist.main, on_batch=on_batch if dist.main else None)
+    release_freed_memory()  # full-scene blocks are not reused by the training steps
     records = sorted((r for part in dist.all_gather_objects(records) for r in part),
                      key=lambda r: (r["band"], r["scene"]))
     summary = summarize(records)

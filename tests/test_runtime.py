@@ -72,31 +72,34 @@ def test_compiled_model_matches_eager_and_trains(synthetic_root, tmp_path):
 _RSS_PROBE = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
-from utils.runtime import reuse_freed_memory
+from utils.runtime import release_freed_memory, reuse_freed_memory
 took = reuse_freed_memory() if {reuse} else None
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 before = rss()
 x = torch.ones(64, 2**20)  # 256 MiB, touched
 del x
-print(took, rss() - before)
+kept = rss() - before
+release_freed_memory()
+print(took, kept, rss() - before)
 """
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc to read the resident memory")
-def test_freed_memory_is_kept_for_reuse_only_when_asked():
+def test_freed_memory_is_kept_for_reuse_until_released():
     import subprocess
     import sys
     root = str(Path(__file__).resolve().parents[1])
 
-    def kept_mib(reuse: bool) -> tuple[str, float]:
+    def kept_mib(reuse: bool) -> tuple[str, float, float]:
         out = subprocess.run([sys.executable, "-c", _RSS_PROBE.format(root=root, reuse=reuse)], check=True,
                              capture_output=True, text=True).stdout.split()
-        return out[0], float(out[1])
+        return out[0], float(out[1]), float(out[2])
 
-    took, kept = kept_mib(True)
+    took, kept, released = kept_mib(True)
     if took != "True":
         pytest.skip("this C library has no glibc mallopt")
-    _, kept_default = kept_mib(False)
+    _, kept_default, _ = kept_mib(False)
     assert kept > 200, f"with reuse_freed_memory() a freed 256 MiB block should stay resident; {kept:.0f} MiB did"
+    assert released < 50, f"release_freed_memory() should return the kept block; {released:.0f} MiB stayed"
     assert kept_default < 50, f"glibc's default should return the block to the OS; {kept_default:.0f} MiB stayed"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["reuse_freed_memory", "resolve_device", "autocast", "make_scaler", "make_optimizer", "cuda_graphed",
+__all__ = ["reuse_freed_memory", "release_freed_memory", "resolve_device", "autocast", "make_scaler", "make_optimizer", "cuda_graphed",
            "seed_everything", "rng_state", "set_rng_state", "Dist", "init_distributed", "atomic_torch_save"]
 
 
@@ -50,6 +50,15 @@ def reuse_freed_memory() -> bool:
     # mallopt returns 1 on success; -1 for M_TRIM_THRESHOLD means never trim
     _reusing = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
     return _reusing
+
+
+def release_freed_memory() -> None:
+    """Give the freed pages that :func:`reuse_freed_memory` keeps back to the OS (glibc's
+    ``malloc_trim``). Within a phase of fixed tensor shapes (training steps) the kept blocks are
+    reused as they are; a phase of other shapes (validation on full scenes, another model) would
+    otherwise stack its own blocks on top: call this between phases. A no-op when not reusing."""
+    if _reusing:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
