@@ -3,11 +3,11 @@
     python bench.py metric [--device=cpu] [--scenes=16]      cPSNR/cSSIM speed vs a 49-offset loop
     python bench.py models [--device=cuda] [--amp=off,bf16] [--compile=off,on] [--graphs] [--impls=ours,ours-cl]
                            [--qanet_ref=DIR] [--piunet_ref=DIR]  train samples/s and peak memory per model
+    python bench.py loader [--data_dir=...] [--workers=0,2]  decode cache and patch loader samples/s
+    python bench.py valid [--device=cuda] [--batch=8]         full-scene validation scenes/s per model
 
 Every command takes ``--malloc=reuse|system``: on CPU, whether freed memory is kept for reuse as
 the training and evaluation scripts do (the default) or glibc's default is timed.
-    python bench.py loader [--data_dir=...] [--workers=0,2]  decode cache and patch loader samples/s
-    python bench.py valid [--device=cuda] [--batch=8]         full-scene validation scenes/s per model
 
 ``cpsnr_loop`` below is the straightforward oracle: the official definition written as a loop over
 the 49 offsets, in numpy float64. The tests use it as the reference on arbitrary shapes.
@@ -15,6 +15,7 @@ the 49 offsets, in numpy float64. The tests use it as the reference on arbitrary
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import numpy as np
@@ -236,7 +237,6 @@ def bench_models(args) -> None:
                     del model, step
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                    import gc
                     gc.collect()  # the step's closures hold the model in reference cycles
                     release_freed_memory()  # each row's blocks differ in size: start the next from a clean heap
     if device.type == "cpu":

@@ -21,6 +21,7 @@ __all__ = ["reuse_freed_memory", "release_freed_memory", "resolve_device", "auto
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 _reusing = False
+_libc: ctypes.CDLL | None = None  # the glibc whose malloc keeps freed memory
 
 
 def reuse_freed_memory() -> bool:
@@ -41,6 +42,7 @@ def reuse_freed_memory() -> bool:
         return True
     if not sys.platform.startswith("linux"):
         return False
+    global _libc
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
@@ -49,6 +51,7 @@ def reuse_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success; -1 for M_TRIM_THRESHOLD means never trim
     _reusing = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
+    _libc = libc if _reusing else None
     return _reusing
 
 
@@ -57,8 +60,8 @@ def release_freed_memory() -> None:
     ``malloc_trim``). Within a phase of fixed tensor shapes (training steps) the kept blocks are
     reused as they are; a phase of other shapes (validation on full scenes, another model) would
     otherwise stack its own blocks on top: call this between phases. A no-op when not reusing."""
-    if _reusing:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    if _libc is not None:
+        _libc.malloc_trim(0)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
