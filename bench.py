@@ -94,7 +94,7 @@ def bench_metric(args) -> None:
     print(f"cpsnr  loop oracle (numpy, float64, CPU): {t_loop * 1e3:8.2f} ms/scene")
     for dtype in (torch.float64, torch.float32):
         s, h, m = sr.to(device, dtype), hr.to(device, dtype), sm.to(device)
-        t = _timeit(lambda: cpsnr(s, h, m), device) / n
+        t = _timeit(lambda s=s, h=h, m=m: cpsnr(s, h, m), device) / n
         err = np.abs(cpsnr(s, h, m).double().cpu().numpy() - ref).max()
         print(f"cpsnr  batched core ({str(dtype)[6:]}, batch {n}):    {t * 1e3:8.2f} ms/scene  "
               f"{t_loop / t:6.1f}x the loop  max |diff| {err:.1e} dB")
@@ -190,8 +190,9 @@ def bench_models(args) -> None:
         cfg = AUTHORS_CONFIG[name]
         batch = args.batch or cfg["batch"]
         ref_path = {"qanet": args.qanet_ref, "piunet": args.piunet_ref}[name]
-        makers = {"ours": lambda: build_model(name), "ours-cl": lambda: set_channels_last(build_model(name)),
-                  "authors": lambda: _load_reference(name, ref_path)}
+        makers = {"ours": lambda name=name: build_model(name),
+                  "ours-cl": lambda name=name: set_channels_last(build_model(name)),
+                  "authors": lambda name=name, ref_path=ref_path: _load_reference(name, ref_path)}
         wanted = args.impls.split(",") + (["authors"] if ref_path else [])
         unknown = set(wanted) - set(makers)
         if unknown:
@@ -257,7 +258,8 @@ def bench_valid(args) -> None:
     hr = torch.rand(args.batch, 1, 384, 384, generator=g).to(device)
     for name in args.models.split(","):
         model = build_model(name).to(device).eval()
-        t = _timeit(lambda: cpsnr(super_resolve(model, lr, qm, args.amp)["sr"], hr, qm.new_ones(hr.shape)), device, 2)
+        t = _timeit(lambda model=model: cpsnr(super_resolve(model, lr, qm, args.amp)["sr"], hr, qm.new_ones(hr.shape)),
+                    device, 2)
         print(f"{name:8s} {args.batch / t:8.2f} scenes/s  ({t / args.batch * 1e3:.1f} ms/scene, SR + cPSNR)")
 
 
@@ -266,7 +268,9 @@ def bench_loader(args) -> None:
     import shutil
     import tempfile
     from pathlib import Path
+
     from torch.utils.data import DataLoader
+
     from data import ProbaVDataset
     from data.synthetic import generate
     root = Path(args.data_dir)
@@ -324,7 +328,8 @@ def main(argv=None) -> None:
     mo.add_argument("--compile", default="off", help="comma list of off, on")
     mo.add_argument("--impls", default="ours-cl",
                     help="comma list of ours (NCHW features), ours-cl (channels-last, the training default)")
-    mo.add_argument("--graphs", action="store_true", help="also time our models with CUDA graphs (train.py --cuda_graphs)")
+    mo.add_argument("--graphs", action="store_true",
+                    help="also time our models with CUDA graphs (train.py --cuda_graphs)")
     mo.add_argument("--steps", type=int, default=5)
     mo.add_argument("--warmup", type=int, default=2)
     mo.add_argument("--qanet_ref", default="", help="a local checkout of the authors' QA-Net, to time it too")

@@ -22,10 +22,9 @@ from PIL import Image
 
 from config import ConfigError
 from data import BANDS, DataError, ProbaVDataset
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import CheckpointError, load_for_eval
 from utils.evaluate import iterate, to_uint16
 from utils.runtime import resolve_device
-from valid import load_for_eval
 
 EXPECTED_SCENES = 290  # test scenes of the Kelvin competition (NIR and RED)
 

@@ -17,45 +17,13 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-from config import Config, ConfigError, parse_args
+from config import ConfigError
 from data import DataError, ProbaVDataset, read_norm, write_png
-from models import build_model
-from utils.checkpoint import CheckpointError, model_from_checkpoint
+from utils.checkpoint import CheckpointError, load_for_eval
 from utils.evaluate import evaluate, summarize, to_uint16
 from utils.runtime import resolve_device
 
 HEADER = ["scene", "band", "cpsnr", "cssim", "norm", "score"]
-
-
-def load_for_eval(argv: list[str], default_out: str) -> tuple[Config, torch.nn.Module, Path]:
-    """Config (the checkpoint's, overridden by ``argv``), the model, and the output folder.
-
-    Used by valid.py and predict.py. ``default_out`` names the output folder placed in the
-    checkpoint's run folder (or in ``results/`` for the baseline).
-    """
-    cfg = parse_args(argv)
-    explicit = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    if "model" in explicit and cfg.model == "baseline":
-        model = build_model("baseline")
-        # the baseline averages the clearest of *all* frames: give it every frame, one scene a time
-        cfg = cfg.replace(val_selection="all", val_batch_size=1)
-        out = Path(cfg.out_dir) if cfg.out_dir else Path("results") / f"baseline-{default_out}"
-        return cfg, model, out
-    if not cfg.checkpoint:
-        raise ConfigError("say what to run: --checkpoint=PATH (a training checkpoint or the authors' weights "
-                          "with --model=qanet|piunet) or --model=baseline")
-    model, ckpt = model_from_checkpoint(cfg.checkpoint, cfg.model if "model" in explicit else None, cfg.model_args)
-    if ckpt.get("config"):
-        keep = [a for a in argv if not a.startswith("--preset")]
-        base = Config.from_dict(ckpt["config"]).replace(split="val", out_dir="", checkpoint=cfg.checkpoint,
-                                                       resume=False, device="auto")
-        cfg = parse_args(keep, base=base)
-    ckpt_path = Path(cfg.checkpoint)
-    run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-    out = Path(cfg.out_dir) if cfg.out_dir else run / f"{default_out}-{ckpt_path.stem}"
-    return cfg, model, out
 
 
 def write_csv(path: Path, records: list[dict]) -> None:
@@ -87,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     def save_png(batch: dict, result: dict) -> None:
-        for i, (name, band) in enumerate(zip(batch["name"], batch["band"])):
+        for i, (name, band) in enumerate(zip(batch["name"], batch["band"], strict=True)):
             (out / "sr" / band).mkdir(parents=True, exist_ok=True)
             write_png(out / "sr" / band / f"{name}.png", to_uint16(result["sr"][i]))
 

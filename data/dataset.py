@@ -229,7 +229,7 @@ class ProbaVDataset(Dataset):
         it = tqdm(paths, desc=f"loading {split} scenes", disable=not progress, leave=False)
         self.scenes = [load_scene_cached(p, cache) for p in it]
         if split != "test":
-            for s, p in zip(self.scenes, paths):
+            for s, p in zip(self.scenes, paths, strict=True):
                 if s["hr"] is None:
                     raise DataError(f"{p / 'HR.png'}: missing in a {split} scene")
         self.names = [s["name"] for s in self.scenes]

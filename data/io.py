@@ -113,7 +113,7 @@ def read_scene(path: str | os.PathLike) -> dict:
     if not frames:
         raise DataError(f"{path}: no LR frame (LR000.png, LR001.png, ...) in this scene")
     lrs, qms = [], []
-    for idx, fname in frames:
+    for _, fname in frames:
         lr_path = path / fname
         qm_path = path / f"QM{fname[2:]}"
         if not qm_path.exists():

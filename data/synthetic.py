@@ -90,7 +90,7 @@ def make_scene(seed: int, n_frames: int | None = None, with_hr: bool = True) -> 
     gt = _ground_truth(rng, n)
     crop = slice(_MARGIN, _MARGIN + HR_SIZE)
     lrs, qms = [], []
-    for t in range(T):
+    for _ in range(T):
         dy, dx = rng.uniform(-1.5 * SCALE, 1.5 * SCALE, size=2)  # up to 1.5 LR pixels
         frame = _blur(_shift(gt, dy, dx), sigma=1.0)[crop, crop]
         lr = frame.reshape(LR_SIZE, SCALE, LR_SIZE, SCALE).mean((1, 3))
@@ -113,7 +113,7 @@ def write_scene(path: str | os.PathLike, scene: dict) -> None:
     """Write a scene dict in the competition layout (LRnnn/QMnnn/HR/SM PNGs) into ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    for t, (lr, qm) in enumerate(zip(scene["lr"], scene["qm"])):
+    for t, (lr, qm) in enumerate(zip(scene["lr"], scene["qm"], strict=True)):
         write_png(path / f"LR{t:03d}.png", lr)
         write_png(path / f"QM{t:03d}.png", qm)
     if scene.get("hr") is not None:
@@ -129,8 +129,9 @@ def generate(out: str | os.PathLike, n_train: int = 24, n_val: int = 6, n_test: 
     Scene names are unique across bands and splits (``imgset0000``, ...). Deterministic: the same
     arguments give byte-identical PNGs.
     """
-    from models.baseline import esa_baseline  # local: data/ must not import models/ at import time
     import torch
+
+    from models.baseline import esa_baseline  # local: data/ must not import models/ at import time
     from utils.metrics import cpsnr
 
     out = Path(out)
@@ -141,7 +142,7 @@ def generate(out: str | os.PathLike, n_train: int = 24, n_val: int = 6, n_test: 
     norm: dict[str, float] = {}
     counter = 0
     for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
-        for b, band in enumerate(bands):
+        for band in bands:
             for _ in range(count):
                 name = f"imgset{counter:04d}"
                 scene = make_scene(seed * 100_003 + counter, n_frames=n_frames, with_hr=split != "test")

@@ -13,8 +13,8 @@ import inspect
 import torch.nn as nn
 
 from .baseline import ESABaseline, bicubic_upscale, esa_baseline
-from .piunet import PIUnet
 from .layers import set_channels_last
+from .piunet import PIUnet
 from .qanet import QANet
 
 MODELS: dict[str, type[nn.Module]] = {"qanet": QANet, "piunet": PIUnet, "baseline": ESABaseline}
@@ -76,5 +76,6 @@ def from_reference(name: str, state_dict: dict | None = None, config: dict | Non
     return model.eval()
 
 
-__all__ = ["MODELS", "build_model", "from_reference", "set_channels_last", "QANet", "PIUnet", "ESABaseline", "esa_baseline",
+__all__ = ["MODELS", "build_model", "from_reference", "set_channels_last", "QANet", "PIUnet", "ESABaseline",
+           "esa_baseline",
            "bicubic_upscale", "REFERENCE_NAMES"]

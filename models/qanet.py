@@ -133,7 +133,7 @@ class QANet(nn.Module):
         fmt = getattr(self, "memory_format", torch.contiguous_format)
         x, q = x.contiguous(memory_format=fmt), q.contiguous(memory_format=fmt)
         x0 = x
-        for lem, qem in zip(self.lems, self.qems):
+        for lem, qem in zip(self.lems, self.qems, strict=True):
             x = lem(x, q)
             q = qem(q)
         x = (x + x0).unflatten(0, (b, t))

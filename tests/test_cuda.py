@@ -37,7 +37,7 @@ def test_cuda_graphed_training_matches_eager(name):
                 torch.rand(3, 1, 48, 48, generator=g)) for _ in range(3)]
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # float32 arithmetic, not TF32 choices
         graphed = cuda_graphed(_Core(graph_net), tuple(t.to(dev) for t in batches[0][:2]), "off")
-        for a, b in zip(eager.state_dict().values(), graph_net.state_dict().values()):
+        for a, b in zip(eager.state_dict().values(), graph_net.state_dict().values(), strict=True):
             assert torch.equal(a, b), "the capture changed the model's state"
         for lr, mask, hr in batches:
             results = []
@@ -50,9 +50,9 @@ def test_cuda_graphed_training_matches_eager(name):
                 results.append((out.detach().clone(), grads))
             (out_e, grads_e), (out_g, grads_g) = results
             torch.testing.assert_close(out_g, out_e, atol=1e-5, rtol=1e-4)
-            for ge, gg in zip(grads_e, grads_g):
+            for ge, gg in zip(grads_e, grads_g, strict=True):
                 torch.testing.assert_close(gg, ge, atol=1e-5, rtol=1e-3)
-    for (k, a), b in zip(eager.state_dict().items(), graph_net.state_dict().values()):
+    for (k, a), b in zip(eager.state_dict().items(), graph_net.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=k)
 
 
@@ -66,10 +66,10 @@ def test_fused_adam_on_cuda_follows_the_plain_update():
     for _ in range(4):
         grads = [torch.randn_like(t) for t in a]
         for ps, opt in ((a, fused), (b, plain)):
-            for p, gr in zip(ps, grads):
+            for p, gr in zip(ps, grads, strict=True):
                 p.grad = gr.clone()
             opt.step()
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 

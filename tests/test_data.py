@@ -9,8 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (DataError, DatasetNotFoundError, ProbaVDataset, list_scenes, load_scene_cached, read_norm,
-                  read_scene, select_frames, split_scenes, write_png)
+from data import (
+    DataError,
+    DatasetNotFoundError,
+    ProbaVDataset,
+    list_scenes,
+    load_scene_cached,
+    read_norm,
+    read_scene,
+    select_frames,
+    split_scenes,
+    write_png,
+)
 from data.synthetic import generate, make_scene, write_scene
 
 

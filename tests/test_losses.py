@@ -42,7 +42,7 @@ def _check(loss_fn, direct_fn, inputs):
     want = direct_fn()
     grads_want = torch.autograd.grad(want, inputs)
     assert got.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
-    for a, b in zip(grads, grads_want):
+    for a, b in zip(grads, grads_want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
 
 

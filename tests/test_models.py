@@ -166,6 +166,7 @@ def test_qanet_rejects_wrong_frame_count():
 @pytest.mark.parametrize("name", ["qanet", "piunet"])
 def test_channels_last_layout_gives_the_same_outputs_and_gradients(name):
     import copy
+
     from models import set_channels_last
     torch.manual_seed(0)
     kw = dict(n_modules=2, n_resblocks=1, n_feats=8, reduction=4) if name == "qanet" else dict(n_feats=8, n_tefa=1,
@@ -183,7 +184,7 @@ def test_channels_last_layout_gives_the_same_outputs_and_gradients(name):
         oa.square().mean().backward()
         ob.square().mean().backward()
         scale = max(p.grad.abs().max() for p in a.parameters() if p.grad is not None)
-        for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+        for (k, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
             if pa.grad is not None:
                 assert (pa.grad - pb.grad).abs().max() <= 1e-4 * scale, k
 
@@ -191,6 +192,7 @@ def test_channels_last_layout_gives_the_same_outputs_and_gradients(name):
 def test_written_out_attention_equals_the_fused_kernel():
     """The CUDA path's attention (explicit products) against SDPA, values and gradients, on CPU."""
     import torch.nn.functional as F
+
     from models.layers import _attention
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(50, 2, 9, 18, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -200,5 +202,5 @@ def test_written_out_attention_equals_the_fused_kernel():
     w = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad((out * w).sum(), (q, k, v))
     grads_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
-    for a, b in zip(grads, grads_ref):
+    for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)

@@ -12,6 +12,7 @@ import train
 from test_scripts import TINY_QANET, _common
 from utils.checkpoint import load_checkpoint
 from utils.runtime import atomic_torch_save, autocast, make_scaler
+from utils.trainer import SRModule
 
 
 def test_autocast_and_scaler_choices():
@@ -52,7 +53,7 @@ def test_compiled_model_matches_eager_and_trains(synthetic_root, tmp_path):
     from utils.losses import compute_loss
     torch.manual_seed(0)
     net = build_model("qanet", n_modules=1, n_resblocks=1, n_feats=8, reduction=4)
-    eager, compiled = train.SRModule(net), torch.compile(train.SRModule(net))
+    eager, compiled = SRModule(net), torch.compile(SRModule(net))
     lr, qm = torch.rand(2, 9, 16, 16), (torch.rand(2, 9, 16, 16) > 0.2).float()
     hr, hm = torch.rand(2, 1, 48, 48), torch.ones(2, 1, 48, 48)
     grads = []

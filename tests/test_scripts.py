@@ -18,6 +18,7 @@ import torch
 
 import predict
 import train
+import utils.trainer
 import valid
 from config import ConfigError
 from conftest import ROOT, shared_path
@@ -46,7 +47,9 @@ def _assert_same_state(a: Path, b: Path) -> None:
     assert (ca["epoch"], ca["step"], ca["step_in_epoch"]) == (cb["epoch"], cb["step"], cb["step_in_epoch"])
     for k, v in ca["model"].items():
         torch.testing.assert_close(v, cb["model"][k], rtol=0, atol=1e-6, msg=k)
-    for (ka, va), (kb, vb) in zip(ca["optimizer"]["state"].items(), cb["optimizer"]["state"].items()):
+    pairs = zip(ca["optimizer"]["state"].items(), cb["optimizer"]["state"].items(), strict=True)
+    for (ka, va), (kb, vb) in pairs:
+        assert ka == kb
         for name in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(va[name], vb[name], rtol=0, atol=1e-6)
     assert ca["scheduler"]["last_epoch"] == cb["scheduler"]["last_epoch"]
@@ -92,7 +95,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(synthetic_roo
     def nan_loss(name, out, hr, hr_mask):
         return out["sr"].sum() * float("nan")
 
-    monkeypatch.setattr(train, "compute_loss", nan_loss)
+    monkeypatch.setattr(utils.trainer, "compute_loss", nan_loss)
     with pytest.raises(train.TrainingDiverged, match="loss is nan.*last good checkpoint"):
         train.main(args + ["--resume", "--max_steps=3"])
     after = _weights(run / "checkpoints" / "last.pt")

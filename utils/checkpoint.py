@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from config import Config, ConfigError, parse_args
 from models import build_model
 
 from .runtime import atomic_torch_save
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "unwrap"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "load_for_eval",
+           "unwrap"]
 
 FORMAT = 1
 
@@ -96,3 +98,32 @@ def model_from_checkpoint(path: str | os.PathLike, model_name: str | None = None
         raise CheckpointError(f"{path}: the weights do not fit {ckpt['model_name']}"
                               f"({ckpt.get('model_kwargs')}): {str(e).splitlines()[0]}") from None
     return model.eval(), ckpt
+
+
+def load_for_eval(argv: list[str], default_out: str) -> tuple[Config, torch.nn.Module, Path]:
+    """Config (the checkpoint's, overridden by ``argv``), the model, and the output folder.
+
+    Used by valid.py and predict.py. ``default_out`` names the output folder placed in the
+    checkpoint's run folder (or in ``results/`` for the baseline).
+    """
+    cfg = parse_args(argv)
+    explicit = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if "model" in explicit and cfg.model == "baseline":
+        model = build_model("baseline")
+        # the baseline averages the clearest of *all* frames: give it every frame, one scene a time
+        cfg = cfg.replace(val_selection="all", val_batch_size=1)
+        out = Path(cfg.out_dir) if cfg.out_dir else Path("results") / f"baseline-{default_out}"
+        return cfg, model, out
+    if not cfg.checkpoint:
+        raise ConfigError("say what to run: --checkpoint=PATH (a training checkpoint or the authors' weights "
+                          "with --model=qanet|piunet) or --model=baseline")
+    model, ckpt = model_from_checkpoint(cfg.checkpoint, cfg.model if "model" in explicit else None, cfg.model_args)
+    if ckpt.get("config"):
+        keep = [a for a in argv if not a.startswith("--preset")]
+        base = Config.from_dict(ckpt["config"]).replace(split="val", out_dir="", checkpoint=cfg.checkpoint,
+                                                       resume=False, device="auto")
+        cfg = parse_args(keep, base=base)
+    ckpt_path = Path(cfg.checkpoint)
+    run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    out = Path(cfg.out_dir) if cfg.out_dir else run / f"{default_out}-{ckpt_path.stem}"
+    return cfg, model, out

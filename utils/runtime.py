@@ -6,8 +6,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
-import sys
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["reuse_freed_memory", "release_freed_memory", "resolve_device", "autocast", "make_scaler", "make_optimizer", "cuda_graphed",
+__all__ = ["reuse_freed_memory", "release_freed_memory", "resolve_device", "autocast", "make_scaler", "make_optimizer",
+           "cuda_graphed",
            "seed_everything", "rng_state", "set_rng_state", "Dist", "init_distributed", "atomic_torch_save"]
 
 

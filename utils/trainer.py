@@ -1,0 +1,362 @@
+"""One training run: the network and its optimiser state, one optimisation step, one epoch, and the
+checkpoint policy. ``train.py`` drives a :class:`Trainer` epoch by epoch::
+
+    trainer = Trainer(cfg, dist, device, ckpt)        # build, restore, wrap
+    while trainer.progress.epoch < cfg.epochs:
+        trainer.train_epoch(train_ds, writer)           # steps, logging, Ctrl-C, max_steps
+        trainer.validate_and_keep(val_ds, norm, writer) # best.pt by the validation score
+        trainer.save("last.pt")
+
+Each method says in its docstring which part of the run's state it changes.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from config import Config, ConfigError
+from data import ProbaVDataset
+from data.sampler import StepBatchSampler
+from models import build_model, esa_baseline, set_channels_last
+
+from .checkpoint import model_from_checkpoint, save_checkpoint, unwrap
+from .evaluate import evaluate, make_panel, summarize
+from .losses import compute_loss
+from .runtime import (
+    Dist,
+    autocast,
+    cuda_graphed,
+    make_optimizer,
+    make_scaler,
+    release_freed_memory,
+    rng_state,
+    set_rng_state,
+)
+
+__all__ = ["Trainer", "Progress", "SRModule", "TrainingDiverged", "build_network", "wrap", "validate", "criterion",
+           "describe", "val_indices"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class SRModule(nn.Module):
+    """``forward(lr, lr_mask) -> dict``: the common interface as a forward, for DDP and compile."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, lr: torch.Tensor, lr_mask: torch.Tensor) -> dict:
+        return self.module.super_resolve(lr, lr_mask)
+
+
+@dataclass
+class Progress:
+    """Where a run stands; a checkpoint stores it and ``--resume`` restores it."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps
+    step_in_epoch: int = 0  # steps done in the current epoch (non-zero only when stopped mid-epoch)
+    best: float = math.inf  # best validation criterion so far (lower is better, see criterion)
+
+
+def build_network(cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
+    """The model of ``cfg`` on ``device``: initial weights from ``cfg.checkpoint`` when given,
+    SyncBatchNorm across CUDA processes, channels-last features when ``cfg.channels_last``."""
+    net = build_model(cfg.model, **cfg.model_args)
+    if cfg.checkpoint:
+        init, _ = model_from_checkpoint(cfg.checkpoint, cfg.model, cfg.model_args)
+        if init.registry_name != cfg.model:
+            raise ConfigError(f"--checkpoint={cfg.checkpoint} holds a {init.registry_name}, not a {cfg.model}")
+        net.load_state_dict(init.state_dict())
+    if dist.enabled and device.type == "cuda":
+        # BatchNorm statistics over the global batch; gloo (CPU) has no SyncBatchNorm, where each
+        # process normalises its own micro-batch (as gradient accumulation does on one process)
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device)
+    if cfg.channels_last:
+        set_channels_last(net)
+    return net
+
+
+def wrap(net: nn.Module, cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
+    """``net`` behind the common ``forward(lr, lr_mask)``, in DDP across processes and compiled
+    when ``cfg.compile``. CUDA graphs are captured later, at the first batch (:meth:`Trainer.train_step`)."""
+    if cfg.cuda_graphs and (device.type != "cuda" or dist.enabled):
+        raise ConfigError("cuda_graphs=true needs a single CUDA process (not CPU, not torchrun); "
+                          "drop --cuda_graphs or use --amp/--compile instead")
+    model: nn.Module = SRModule(net)
+    if dist.enabled:
+        # PIUnet's uncertainty head gets no gradient from the losses that ignore it (registered L1)
+        losses = {cfg.loss} | ({cfg.warmup_loss} if cfg.warmup_loss and cfg.warmup_epochs > 0 else set())
+        unused = net.has_uncertainty and losses != {"l1u_reg"}
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=unused)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model
+
+
+class Trainer:
+    """The state of one training run and the operations that change it.
+
+    Holds the network (``net``, plain) and its training form (``model``: DDP/compile wrappers), the
+    optimizer, scheduler and gradient scaler, and the run's :class:`Progress`. A checkpoint in
+    ``ckpt`` (``--resume``) restores all of them and the RNG states.
+    """
+
+    def __init__(self, cfg: Config, dist: Dist, device: torch.device, ckpt: dict | None = None):
+        self.cfg, self.dist, self.device = cfg, dist, device
+        self.run = Path(cfg.out_dir)
+        self.net = build_network(cfg.replace(checkpoint="") if ckpt is not None else cfg, dist, device)
+        self.optimizer = make_optimizer(self.net.parameters(), cfg.lr, cfg.weight_decay, device)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.lr_milestones), cfg.lr_gamma)
+        self.scaler = make_scaler(device, cfg.amp)
+        self.progress = Progress()
+        if ckpt is not None:
+            self.restore(ckpt)
+        self.model = wrap(self.net, cfg, dist, device)
+        self.graphed: nn.Module | None = None  # CUDA graphs, captured at the first training batch
+        self.stop_requested = False
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+
+    def restore(self, ckpt: dict) -> None:
+        """Load weights, optimizer, scheduler, scaler, progress and RNG states from a checkpoint."""
+        self.net.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        best = ckpt["best_score"]
+        self.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"],
+                                 math.inf if best is None else best)
+        set_rng_state(ckpt["rng"])
+        if self.dist.main:
+            print(f"resuming {self.run} at epoch {self.progress.epoch}, step {self.progress.step}")
+
+    def save(self, name: str) -> None:
+        """Write ``checkpoints/<name>`` (rank 0 only) with everything :meth:`restore` reads."""
+        if not self.dist.main:
+            return
+        p = self.progress
+        save_checkpoint(self.run / "checkpoints" / name, model=self.net, optimizer=self.optimizer,
+                        scheduler=self.scheduler, scaler=self.scaler, epoch=p.epoch, step=p.step,
+                        step_in_epoch=p.step_in_epoch, best_score=None if p.best == math.inf else p.best,
+                        config=self.cfg.to_dict(), rng=rng_state())
+
+    # --- one optimisation step --------------------------------------------------------------------------
+
+    def loss_name(self) -> str:
+        """The loss of the current epoch (the warm-up loss for the first ``warmup_epochs``)."""
+        cfg = self.cfg
+        return cfg.warmup_loss if self.progress.epoch < cfg.warmup_epochs and cfg.warmup_loss else cfg.loss
+
+    def _forward(self, mb: dict) -> dict:
+        if self.cfg.cuda_graphs and self.graphed is None:
+            self.graphed = cuda_graphed(SRModule(self.net), (mb["lr"], mb["lr_mask"]), self.cfg.amp)
+        with autocast(self.device, self.cfg.amp):
+            return (self.model if self.graphed is None else self.graphed)(mb["lr"], mb["lr_mask"])
+
+    def train_step(self, batches: Iterator[dict]) -> tuple[float, int]:
+        """One optimizer step over ``accum_steps`` micro-batches drawn from ``batches``.
+
+        Changes the weights, the optimizer and scaler state, the per-step scheduler and
+        ``progress.step``; sets ``stop_requested`` when any process was asked to stop (Ctrl-C).
+        Returns the loss averaged over micro-batches and processes, and the samples all processes
+        used. Raises :class:`TrainingDiverged` on a non-finite loss, before the weights change.
+        """
+        cfg, dist = self.cfg, self.dist
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros(2, dtype=torch.float64)  # [loss, stop requested], summed over processes
+        samples = 0
+        for a in range(cfg.accum_steps):
+            mb = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                  for k, v in next(batches).items()}
+            last = not dist.enabled or a == cfg.accum_steps - 1
+            with nullcontext() if last else self.model.no_sync():
+                loss = compute_loss(self.loss_name(), self._forward(mb), mb["hr"], mb["hr_mask"])
+                self.scaler.scale(loss / cfg.accum_steps).backward()
+            total[0] += loss.detach().double().cpu() / cfg.accum_steps
+            samples += len(mb["name"]) * dist.world
+        total[1] = float(self.stop_requested)
+        total = dist.all_reduce_sum(total)
+        mean_loss = float(total[0]) / dist.world
+        self.stop_requested = bool(total[1] > 0)
+        if not math.isfinite(mean_loss):
+            last = self.run / "checkpoints" / "last.pt"
+            kept = f"The last good checkpoint is {last}." if last.exists() else "No checkpoint was written yet."
+            raise TrainingDiverged(f"the {self.loss_name()} loss is {mean_loss} at epoch {self.progress.epoch + 1}, "
+                                   f"step {self.progress.step + 1}: training stopped. {kept} Try a lower --lr, "
+                                   f"--grad_clip, or --amp=off.")
+        self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if cfg.lr_unit == "step":
+            self.scheduler.step()
+        self.progress.step += 1
+        return mean_loss, samples
+
+    # --- one epoch ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def catch_interrupt(self):
+        """Within the block, a first Ctrl-C sets ``stop_requested`` (the epoch then saves and exits
+        with status 130 after the current step); a second one aborts at once."""
+        def on_sigint(signum, frame):
+            self.stop_requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        old = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+    def max_steps_reached(self) -> bool:
+        return bool(self.cfg.max_steps) and self.progress.step >= self.cfg.max_steps
+
+    def train_epoch(self, train_ds: ProbaVDataset, writer=None) -> bool:
+        """Train the current epoch from ``progress.step_in_epoch`` on, logging to ``writer``.
+
+        Returns True when the epoch completed (then ``progress.epoch`` is advanced, the per-epoch
+        scheduler stepped and ``step_in_epoch`` reset), False when ``max_steps`` stopped it midway
+        (``step_in_epoch`` says where; ``last.pt`` is saved). On Ctrl-C saves ``last.pt`` and raises
+        ``SystemExit(130)``.
+        """
+        cfg, dist, p = self.cfg, self.dist, self.progress
+        train_ds.set_epoch(p.epoch)
+        sampler = StepBatchSampler(len(train_ds), cfg.batch_size, dist.world, dist.rank, cfg.accum_steps, cfg.seed,
+                                   p.epoch, p.step_in_epoch)
+        loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.num_workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        batches = iter(loader)
+        bar = tqdm(range(p.step_in_epoch, sampler.steps), desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
+                   disable=not dist.main, leave=False, unit="step")
+        logged, t0, seen = [], time.perf_counter(), 0
+        for i in bar:
+            loss, samples = self.train_step(batches)
+            seen += samples
+            logged.append(loss)
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.1f}")
+            if writer is not None and p.step % cfg.log_every == 0:
+                writer.add_scalar("train/loss", float(np.mean(logged)), p.step)
+                writer.add_scalar("train/samples_per_s", rate, p.step)
+                writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], p.step)
+                logged = []
+            if self.stop_requested or self.max_steps_reached():
+                bar.close()
+                p.step_in_epoch = i + 1
+                self.save("last.pt")
+                if self.stop_requested:
+                    if dist.main:
+                        print(f"\ninterrupted: saved {self.run / 'checkpoints' / 'last.pt'} (epoch {p.epoch + 1}, "
+                              f"step {p.step}); continue with: python train.py --out_dir={self.run} --resume")
+                    raise SystemExit(130)
+                return False
+        bar.close()
+        p.step_in_epoch = 0
+        p.epoch += 1
+        if cfg.lr_unit == "epoch":
+            self.scheduler.step()
+        return True
+
+    # --- validation and the checkpoint policy ---------------------------------------------------------
+
+    def validate_and_keep(self, val_ds: ProbaVDataset, norm: dict, writer=None) -> dict:
+        """Score the validation scenes; when the score beats ``progress.best``, update it and save
+        ``best.pt``. Returns the summary (see :func:`utils.evaluate.summarize`)."""
+        summary = validate(self.model, val_ds, self.cfg, self.dist, self.device, norm, self.progress.epoch,
+                           writer, self.run)
+        if criterion(summary) < self.progress.best:
+            self.progress.best = criterion(summary)
+            self.save("best.pt")
+        return summary
+
+
+def val_indices(ds: ProbaVDataset, limit: int) -> list[int]:
+    """The first ``limit`` scenes of each band (all when 0)."""
+    if limit <= 0:
+        return list(range(len(ds.scenes)))
+    seen: dict[str, int] = {}
+    out = []
+    for i, s in enumerate(ds.scenes):
+        if seen.get(s["band"], 0) < limit:
+            seen[s["band"]] = seen.get(s["band"], 0) + 1
+            out.append(i)
+    return out
+
+
+def validate(model: nn.Module, ds: ProbaVDataset, cfg: Config, dist: Dist, device: torch.device,
+             norm: dict, epoch: int, writer, run: Path | None) -> dict:
+    """Score the validation scenes (sharded over the processes, gathered on all) -> summary; on
+    rank 0 also log the means to ``writer`` and write comparison panels to ``run/images``."""
+    indices = val_indices(ds, cfg.val_scenes)
+    shown = set(indices[:cfg.n_images])
+    panels: list[tuple[str, np.ndarray]] = []
+
+    def on_batch(batch: dict, out: dict) -> None:
+        for i, idx in enumerate(batch["index"].tolist()):
+            if idx in shown:
+                s = ds.scenes[idx]
+                ls = out["log_scale"][i, 0].cpu().numpy() if "log_scale" in out else None
+                panels.append((s["name"], make_panel(
+                    s["lr"][int(np.argmax(s["clearance"]))] / 65535.0, esa_baseline(s["lr"], s["qm"]),
+                    out["sr"][i, 0].cpu().numpy(), batch["hr"][i, 0].cpu().numpy(),
+                    batch["hr_mask"][i, 0].cpu().numpy(), ls)))
+
+    mine = indices[dist.rank::dist.world]
+    records = evaluate(unwrap(model), ds, device, norm, cfg.amp, cfg.val_batch_size, indices=mine,
+                       progress=dist.main, on_batch=on_batch if dist.main else None)
+    release_freed_memory()  # full-scene blocks are not reused by the training steps
+    records = sorted((r for part in dist.all_gather_objects(records) for r in part),
+                     key=lambda r: (r["band"], r["scene"]))
+    summary = summarize(records)
+    if dist.main and writer is not None:
+        _log_validation(summary, panels, epoch, writer, run)
+    return summary
+
+
+def _log_validation(summary: dict, panels: list[tuple[str, np.ndarray]], epoch: int, writer, run: Path) -> None:
+    from PIL import Image
+
+    for band, s in summary.items():
+        suffix = "" if band == "all" else f"_{band}"
+        for key in ("cpsnr", "cssim", "score"):
+            if s[key] == s[key]:
+                writer.add_scalar(f"val/{key}{suffix}", s[key], epoch)
+    images = run / "images"
+    images.mkdir(exist_ok=True)
+    for name, panel in panels:
+        Image.fromarray(panel).save(images / f"epoch{epoch:04d}_{name}.png")
+        writer.add_image(f"val/{name}", panel, epoch, dataformats="HW")
+
+
+def criterion(summary: dict) -> float:
+    """Lower is better: the Kelvin score, or minus the cPSNR where norm.csv lacks the scenes."""
+    s = summary["all"]
+    return s["score"] if s["score"] == s["score"] else -s["cpsnr"]
+
+
+def describe(summary: dict) -> str:
+    parts = [f"{b}: cPSNR {s['cpsnr']:.3f} dB, cSSIM {s['cssim']:.4f}, score {s['score']:.4f} ({s['n']} scenes)"
+             for b, s in summary.items()]
+    skipped = summary["all"]["skipped"]
+    return "; ".join(parts) + (f"; skipped (no clear HR pixel): {', '.join(skipped)}" if skipped else "")
