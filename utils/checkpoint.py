@@ -8,15 +8,23 @@ A checkpoint is a dict::
      "best_score": best validation Kelvin score (lower is better) or None,
      "config": the resolved Config as a dict, "rng": RNG states}
 
-It is written atomically. ``valid.py`` and ``predict.py`` rebuild the model from it alone; they
-also accept the authors' released state dicts (bare, or wrapped in ``"state_dict"``), given the
-model name.
+It is written atomically, holds only tensors and plain Python values (lists, dicts, strings,
+numbers, None), and is read with ``torch.load(..., weights_only=True)``: a checkpoint is a pickle,
+and a full unpickler would run whatever code a shared file carries. A file that needs more (a
+pickled class or function) is refused with a :class:`CheckpointError` before anything in it runs.
+Checkpoints of format 1 (before RNG states were stored as tensors) hold one NumPy array; they still
+load, with only NumPy's array and dtype reconstruction allowed, which builds data and runs no code.
+
+``valid.py`` and ``predict.py`` rebuild the model from it alone; they also accept the authors'
+released state dicts (bare, or wrapped in ``"state_dict"``), given the model name.
 """
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -28,7 +36,10 @@ from .runtime import atomic_torch_save
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "load_for_eval",
            "unwrap"]
 
-FORMAT = 1
+FORMAT = 2  # 2: RNG states as tensors and plain values (weights_only); 1: NumPy's RNG state as an array
+
+# What format-1 checkpoints need beyond weights_only's defaults: NumPy array reconstruction, data only.
+_FORMAT1_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
 class CheckpointError(ValueError):
@@ -66,12 +77,30 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_FORMAT1_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
+        needs = _unsafe_globals(path)
+        raise CheckpointError(
+            f"{path}: refused: loading it would run code stored in the file ({', '.join(needs) or 'pickled objects'}); "
+            f"checkpoints are read with torch.load(weights_only=True), which loads tensors and plain values only. "
+            f"If you trust its source, re-save its tensors: torch.save(torch.load(path, weights_only=False)[...])."
+        ) from None
     except Exception as e:  # torch raises several types for a damaged or foreign file
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(ckpt).__name__}")
     return ckpt
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The names of the pickled globals a file needs beyond weights_only's (the file is only scanned)."""
+    try:
+        return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)))
+    except Exception:  # an unusual layout: the refusal itself still stands
+        return []
 
 
 def model_from_checkpoint(path: str | os.PathLike, model_name: str | None = None,

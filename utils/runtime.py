@@ -129,15 +129,30 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states of Python, NumPy, torch (and CUDA) as tensors and plain Python values only,
+    so that a checkpoint holding them loads with ``torch.load(..., weights_only=True)``."""
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(),
+             "numpy": {"bit_generator": np_state["bit_generator"],
+                       "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                       "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                       "gauss": float(np_state["gauss"])},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state` (also the NumPy tuple that checkpoints of format 1 hold)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        np_state = {"bit_generator": np_state["bit_generator"],
+                    "state": {"key": np.asarray(np_state["key"], dtype=np.int64).astype(np.uint32),
+                              "pos": np_state["pos"]},
+                    "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]}
+    np.random.set_state(np_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
