@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 
 from config import ConfigError
-from data import BANDS, DataError, ProbaVDataset
+from data import BANDS, DataError
 from utils.checkpoint import CheckpointError, load_for_eval
-from utils.evaluate import iterate, to_uint16
+from utils.evaluate import eval_scenes, iterate, to_uint16
 from utils.runtime import resolve_device
 
 EXPECTED_SCENES = 290  # test scenes of the Kelvin competition (NIR and RED)
@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> Path:
                 cfg, model, _ = setups[band]
                 device = resolve_device(cfg.device)
                 model = model.to(device)
-                ds = ProbaVDataset(cfg.data_dir, "test", bands=band, n_frames=cfg.n_frames,
-                                   selection=cfg.val_selection, cache_dir=cfg.cache_dir or None,
-                                   fill_clouds=cfg.fill_clouds, seed=cfg.seed)
+                ds = eval_scenes(cfg, "test", band)
                 for batch, result in iterate(model, ds, device, cfg.amp, cfg.val_batch_size, cfg.ensemble,
                                              desc=f"predicting {band}"):
                     for i, name in enumerate(batch["name"]):

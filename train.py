@@ -21,6 +21,7 @@ from tqdm import tqdm
 from config import Config, ConfigError, parse_args
 from data import DataError, ProbaVDataset, read_norm
 from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.evaluate import eval_scenes
 from utils.runtime import Dist, init_distributed, seed_everything
 from utils.trainer import Trainer, TrainingDiverged, describe
 
@@ -37,13 +38,13 @@ def prepare_data_dir(cfg: Config, dist: Dist) -> None:
 
 
 def datasets(cfg: Config, progress: bool) -> tuple[ProbaVDataset, ProbaVDataset]:
-    common = dict(bands=cfg.band, n_frames=cfg.n_frames, cache_dir=cfg.cache_dir or None,
-                  val_fraction=cfg.val_fraction, progress=progress, seed=cfg.seed, beta=cfg.beta,
-                  fill_clouds=cfg.fill_clouds)
-    train = ProbaVDataset(cfg.data_dir, "train", selection=cfg.train_selection, patch_size=cfg.patch_size,
-                          min_clear=cfg.min_clear, repeats=cfg.repeats, **common)
-    val = ProbaVDataset(cfg.data_dir, cfg.split, selection=cfg.val_selection, **common)
-    return train, val
+    """Training patches and the full validation scenes of ``cfg``."""
+    train = ProbaVDataset(cfg.data_dir, "train", bands=cfg.band, n_frames=cfg.n_frames, selection=cfg.train_selection,
+                          patch_size=cfg.patch_size, min_clear=cfg.min_clear, beta=cfg.beta, seed=cfg.seed,
+                          cache_dir=cfg.cache_dir or None, val_fraction=cfg.val_fraction, progress=progress,
+                          repeats=cfg.repeats, fill_clouds=cfg.fill_clouds, register=cfg.register,
+                          min_frame_clearance=cfg.min_frame_clearance, patches=cfg.patches)
+    return train, eval_scenes(cfg, cfg.split, cfg.band, progress)
 
 
 def resolve_config(argv: list[str]) -> tuple[Config, dict | None]:
@@ -126,6 +127,9 @@ def open_run(trainer: Trainer, train_ds: ProbaVDataset, val_ds: ProbaVDataset):
     print(f"run folder: {run}\n{len(train_ds)} training samples ({len(train_ds.scenes)} scenes), "
           f"{len(val_ds.scenes)} {cfg.split} scenes, {sum(p.numel() for p in trainer.net.parameters()):,} "
           f"parameters, device {trainer.device}, {trainer.dist.world} process(es)")
+    if train_ds.dropped:
+        print(f"{len(train_ds.dropped)} training scene(s) left out, no frame clearer than "
+              f"min_frame_clearance={cfg.min_frame_clearance}: {', '.join(train_ds.dropped)}")
     return SummaryWriter(str(run))
 
 

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from config import ConfigError
-from data import DataError, ProbaVDataset, read_norm, write_png
+from data import DataError, read_norm, write_png
 from utils.checkpoint import CheckpointError, load_for_eval
-from utils.evaluate import evaluate, summarize, to_uint16
+from utils.evaluate import eval_scenes, evaluate, summarize, to_uint16
 from utils.runtime import resolve_device
 
 HEADER = ["scene", "band", "cpsnr", "cssim", "norm", "score"]
@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = model.to(device)
     if cfg.split == "test":
         raise ConfigError("the test split has no HR images to score; use predict.py")
-    ds = ProbaVDataset(cfg.data_dir, cfg.split, bands=cfg.band, n_frames=cfg.n_frames, selection=cfg.val_selection,
-                       cache_dir=cfg.cache_dir or None, fill_clouds=cfg.fill_clouds, val_fraction=cfg.val_fraction,
-                       seed=cfg.seed)
+    ds = eval_scenes(cfg, cfg.split, cfg.band)
     norm_file = Path(cfg.data_dir) / "norm.csv"
     norm = read_norm(norm_file) if norm_file.exists() else {}
     out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .io import BANDS, SCALE, DataError, DatasetNotFoundError, list_scenes, read_scene
+from .registration import REGISTRATION_VERSION, register_frames
 
 __all__ = ["ProbaVDataset", "fill_clouds", "split_scenes", "select_frames", "scene_signature", "load_scene_cached",
            "VAL_FRACTION", "VAL_SEED", "SELECTIONS"]
@@ -71,44 +72,58 @@ def scene_signature(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_scene_cached(path: Path, cache_dir: Path | None) -> dict:
+def _decode(path: Path, register: bool) -> dict:
+    """:func:`data.io.read_scene`, frames registered when ``register``, plus ``clearance``."""
+    scene = read_scene(path)
+    if register:
+        scene["lr"], scene["qm"], scene["shifts"] = register_frames(scene["lr"], scene["qm"], name=str(path))
+    scene["clearance"] = scene["qm"].mean((1, 2))  # of the registered masks, as the authors select on
+    return scene
+
+
+def load_scene_cached(path: Path, cache_dir: Path | None, register: bool = False) -> dict:
     """:func:`data.io.read_scene` plus ``clearance`` (``(T,)`` float64), through the disk cache.
 
-    The cache file is keyed by the scene's path and holds the signature of its files: a changed,
-    added or removed PNG makes the entry stale and the scene is decoded again.
+    With ``register``, the frames and masks are aligned to the clearest frame
+    (:func:`data.registration.register_frames`) and ``shifts`` ``(T,2)`` holds the applied shifts.
+    The cache file is keyed by the scene's path and by whether and how frames are registered
+    (:data:`data.registration.REGISTRATION_VERSION`), and holds the signature of the scene's files:
+    a changed, added or removed PNG makes the entry stale and the scene is decoded again.
     """
     path = Path(path)
     if cache_dir is None:
-        scene = read_scene(path)
-        scene["clearance"] = scene["qm"].mean((1, 2))
-        return scene
+        return _decode(path, register)
     sig = scene_signature(path)
-    key = f"{path.parent.name}_{path.name}_{zlib.crc32(str(path.resolve()).encode()):08x}.npz"
+    variant = f"_{REGISTRATION_VERSION}" if register else ""
+    key = f"{path.parent.name}_{path.name}_{zlib.crc32(str(path.resolve()).encode()):08x}{variant}.npz"
     cfile = Path(cache_dir) / key
     if cfile.exists():
         try:
             with np.load(cfile, allow_pickle=False) as z:
                 if str(z["signature"]) == sig:
-                    return {"name": path.name, "band": path.parent.name, "lr": z["lr"], "qm": z["qm"],
-                            "hr": z["hr"] if z["has_hr"] else None, "sm": z["sm"] if z["has_sm"] else None,
-                            "clearance": z["clearance"]}
+                    scene = {"name": path.name, "band": path.parent.name, "lr": z["lr"], "qm": z["qm"],
+                             "hr": z["hr"] if z["has_hr"] else None, "sm": z["sm"] if z["has_sm"] else None,
+                             "clearance": z["clearance"]}
+                    if register:
+                        scene["shifts"] = z["shifts"]
+                    return scene
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache entry is rebuilt below
-    scene = read_scene(path)
-    scene["clearance"] = scene["qm"].mean((1, 2))
+    scene = _decode(path, register)
     cfile.parent.mkdir(parents=True, exist_ok=True)
     tmp = cfile.with_suffix(f".tmp{os.getpid()}.npz")
     empty = np.zeros((0,), np.uint8)
+    extra = {"shifts": scene["shifts"]} if register else {}
     np.savez(tmp, signature=sig, lr=scene["lr"], qm=scene["qm"], clearance=scene["clearance"],
              hr=scene["hr"] if scene["hr"] is not None else empty, has_hr=scene["hr"] is not None,
-             sm=scene["sm"] if scene["sm"] is not None else empty, has_sm=scene["sm"] is not None)
+             sm=scene["sm"] if scene["sm"] is not None else empty, has_sm=scene["sm"] is not None, **extra)
     os.replace(tmp, cfile)  # atomic: a concurrent reader sees the old entry or the new one
     return scene
 
 
 def select_frames(qm: np.ndarray, k: int, strategy: str, rng: np.random.Generator | None = None,
                   sm: np.ndarray | None = None, beta: float = 50.0, trials: int = 500,
-                  clearance: np.ndarray | None = None) -> np.ndarray:
+                  clearance: np.ndarray | None = None, min_clearance: float = 0.0) -> np.ndarray:
     """Indices of ``k`` frames of a scene (repeats where it has fewer than ``k``).
 
     Args:
@@ -122,10 +137,23 @@ def select_frames(qm: np.ndarray, k: int, strategy: str, rng: np.random.Generato
             k clearest, as QA-Net's authors chose val/test frames).
         sm: ``(3h,3w)`` HR status map for ``"coverage"`` (all clear if None).
         clearance: ``(T,)`` per-frame clear fraction, computed from ``qm`` if None.
+        min_clearance: when above 0, only frames whose clearance exceeds it are candidates
+            (PIUnet's authors: 0.85), and the clearest frame alone when none does. ``"clearest"``
+            then pads with candidates drawn at random (``rng``; seeded 0 if None), as the authors do.
     """
     T = qm.shape[0]
     c = qm.mean((1, 2)) if clearance is None else np.asarray(clearance, dtype=np.float64)
     order = np.argsort(-c, kind="stable")
+    if min_clearance > 0:
+        keep = np.flatnonzero(c > min_clearance)
+        keep = keep if keep.size else order[:1]
+        if strategy == "clearest":
+            picked = keep[np.argsort(-c[keep], kind="stable")][:k]
+            if len(picked) < k:
+                rng = rng if rng is not None else np.random.default_rng(0)
+                picked = np.concatenate([picked, rng.choice(picked, size=k - len(picked))])
+            return picked
+        return keep[select_frames(qm[keep], k, strategy, rng, sm, beta, trials, c[keep])]
     if strategy == "all":
         return np.arange(T)
     if strategy == "clearest":
@@ -201,13 +229,22 @@ class ProbaVDataset(Dataset):
         fill_clouds: replace every cloudy LR pixel (QM 0) by the median of that pixel's clear
             values in the selected frames (by the median of all of them where none is clear). For
             models that do not read the quality maps (PIUnet); the masks are returned unchanged.
+        register: align every frame and mask to the scene's clearest frame once, at loading
+            (:func:`data.registration.register_frames`; cached with the scene).
+        min_frame_clearance: frames must be clearer than this to be selected (see
+            :func:`select_frames`); a ``train`` scene with no such frame is dropped (``dropped``
+            lists them), a ``val``/``test`` scene falls back to its clearest frame.
+        patches: ``"random"`` crops (redrawn until ``min_clear`` holds) or ``"grid"``: the fixed
+            grid of non-overlapping patches whose HR clear fraction is at least ``min_clear``
+            (PIUnet's authors); an epoch then visits every grid patch ``repeats`` times.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", bands: str | tuple = "all",
                  n_frames: int = 9, selection: str = "clearest", patch_size: int | None = None,
                  min_clear: float = 0.0, beta: float = 50.0, seed: int = 0,
                  cache_dir: str | os.PathLike | None = None, val_fraction: float = VAL_FRACTION,
-                 val_seed: int = VAL_SEED, progress: bool = True, repeats: int = 1, fill_clouds: bool = False):
+                 val_seed: int = VAL_SEED, progress: bool = True, repeats: int = 1, fill_clouds: bool = False,
+                 register: bool = False, min_frame_clearance: float = 0.0, patches: str = "random"):
         root = Path(root)
         if not root.is_dir():
             # the same message as the reader's: how to get the data, how to run the demo
@@ -220,23 +257,48 @@ class ProbaVDataset(Dataset):
         self.min_clear, self.beta, self.seed, self.epoch = min_clear, beta, seed, 0
         if repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {repeats}")
-        self.repeats = repeats
-        self.fill_clouds = fill_clouds
+        if patches not in ("random", "grid"):
+            raise ValueError(f"patches must be 'random' or 'grid', got {patches!r}")
+        self.repeats, self.fill_clouds, self.min_frame_clearance = repeats, fill_clouds, min_frame_clearance
         paths = [p for b in bands for p in split_scenes(root, split, b, val_fraction, val_seed)]
         if not paths:
             raise DatasetNotFoundError(f"{root}: no scene in split {split!r} for bands {bands}")
         cache = Path(cache_dir) if cache_dir is not None else None
         it = tqdm(paths, desc=f"loading {split} scenes", disable=not progress, leave=False)
-        self.scenes = [load_scene_cached(p, cache) for p in it]
+        self.scenes = [load_scene_cached(p, cache, register) for p in it]
         if split != "test":
             for s, p in zip(self.scenes, paths, strict=True):
                 if s["hr"] is None:
                     raise DataError(f"{p / 'HR.png'}: missing in a {split} scene")
+        self.dropped: list[str] = []  # "BAND/imgsetNNNN" of train scenes without a clear-enough frame
+        if split == "train" and min_frame_clearance > 0:
+            self.dropped = [f"{s['band']}/{s['name']}" for s in self.scenes
+                            if s["clearance"].max() <= min_frame_clearance]
+            self.scenes = [s for s in self.scenes if s["clearance"].max() > min_frame_clearance]
+            if not self.scenes:
+                raise DataError(f"{root}: no {split} scene has a frame with more than "
+                                f"{min_frame_clearance:.0%} clear pixels (min_frame_clearance)")
         self.names = [s["name"] for s in self.scenes]
         self._fixed_frames: dict[int, np.ndarray] = {}
+        self._grid = self._grid_patches() if patches == "grid" and patch_size is not None else None
+
+    def _grid_patches(self) -> list[tuple[int, int, int]]:
+        """``(scene index, y, x)`` of the non-overlapping LR patches with enough clear HR pixels."""
+        p, out = self.patch_size, []
+        for i, s in enumerate(self.scenes):
+            size = s["lr"].shape[-1]
+            for y in range(0, size - p + 1, p):
+                for x in range(0, size - p + 1, p):
+                    hsm = s["sm"][SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if s["sm"] is not None else None
+                    if hsm is None or hsm.mean() >= self.min_clear:
+                        out.append((i, y, x))
+        if not out:
+            raise DataError(f"{self.root}: no {self.patch_size}x{self.patch_size} grid patch of the {self.split} "
+                            f"scenes has an HR clear fraction of at least min_clear={self.min_clear}")
+        return out
 
     def __len__(self) -> int:
-        return len(self.scenes) * self.repeats
+        return (len(self._grid) if self._grid is not None else len(self.scenes)) * self.repeats
 
     def set_epoch(self, epoch: int) -> None:
         """Make random draws depend on the epoch (call before each training epoch)."""
@@ -251,32 +313,42 @@ class ProbaVDataset(Dataset):
             if index not in self._fixed_frames:
                 self._fixed_frames[index] = select_frames(
                     s["qm"], self.n_frames, self.selection, np.random.default_rng([self.seed, index]),
-                    sm=s["sm"], beta=self.beta, clearance=s["clearance"])
+                    sm=s["sm"], beta=self.beta, clearance=s["clearance"], min_clearance=self.min_frame_clearance)
             return self._fixed_frames[index]
         return select_frames(s["qm"], self.n_frames, self.selection, rng, sm=s["sm"], beta=self.beta,
-                             clearance=s["clearance"])
+                             clearance=s["clearance"], min_clearance=self.min_frame_clearance)
+
+    def _random_patch(self, sm: np.ndarray | None, size: int, rng: np.random.Generator) -> tuple[int, int]:
+        """A random LR patch corner, redrawn (up to 50 times) until its HR clear fraction is at least
+        ``min_clear``."""
+        p = self.patch_size
+        for _ in range(50):
+            y, x = rng.integers(0, size - p + 1, size=2)
+            hsm = sm[SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if sm is not None else None
+            if hsm is None or self.min_clear <= 0 or hsm.mean() >= self.min_clear:
+                break
+        return int(y), int(x)
 
     def __getitem__(self, item: int) -> dict:
         if not 0 <= item < len(self):
             raise IndexError(f"item {item} out of range for {len(self)} samples")
-        index = item % len(self.scenes)
+        if self._grid is not None:
+            index, y, x = self._grid[item % len(self._grid)]
+        else:
+            index = item % len(self.scenes)
         s = self.scenes[index]
         rng = self._rng(item)
         idx = self.frames_for(index, rng)
         lr, qm, hr, sm = s["lr"][idx], s["qm"][idx], s["hr"], s["sm"]
         if self.patch_size is not None:
             p = self.patch_size
-            size = lr.shape[-1]
-            if p > size:
-                raise ValueError(f"patch_size={p} exceeds the LR size {size}")
-            for _ in range(50):
-                y, x = rng.integers(0, size - p + 1, size=2)
-                hsm = sm[SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if sm is not None else None
-                if hsm is None or self.min_clear <= 0 or hsm.mean() >= self.min_clear:
-                    break
+            if p > lr.shape[-1]:
+                raise ValueError(f"patch_size={p} exceeds the LR size {lr.shape[-1]}")
+            if self._grid is None:
+                y, x = self._random_patch(sm, lr.shape[-1], rng)
             lr, qm = lr[:, y:y + p, x:x + p], qm[:, y:y + p, x:x + p]
             hr = hr[SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if hr is not None else None
-            sm = hsm
+            sm = sm[SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if sm is not None else None
         lr = lr.astype(np.float32) / 65535.0
         if self.fill_clouds:
             lr = fill_clouds(lr, qm)

@@ -4,7 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.losses import compute_loss, cpsnr_loss, registered_l1, registered_l1_uncertainty
+from utils.losses import (
+    compute_loss,
+    cpsnr_loss,
+    qanet_released_loss,
+    registered_l1,
+    registered_l1_uncertainty,
+    registered_l1_uncertainty_released,
+)
 
 
 def _case(seed=0, b=3, size=20, clear=0.7):
@@ -79,11 +86,13 @@ def test_cpsnr_loss_matches_direct_with_and_without_shift():
 def test_losses_skip_samples_without_clear_pixels_and_stay_differentiable():
     sr, hr, mask, s = _case(3)
     mask[1] = 0.0
-    for name in ("cpsnr", "cpsnr_shift", "l1_reg", "l1u_reg"):
+    for name in ("cpsnr", "cpsnr_shift", "cpsnr_original", "l1_reg", "l1u_reg", "l1u_reg_original"):
         out = {"sr": sr, "log_scale": s}
         full = compute_loss(name, out, hr, mask)
         kept = compute_loss(name, {"sr": sr[[0, 2]], "log_scale": s[[0, 2]]}, hr[[0, 2]], mask[[0, 2]])
-        assert torch.isfinite(full) and full.item() == pytest.approx(kept.item(), rel=1e-6)
+        assert torch.isfinite(full)
+        if name != "cpsnr_original":  # whose column biases reach across the batch by design
+            assert full.item() == pytest.approx(kept.item(), rel=1e-6)
     none = compute_loss("l1_reg", {"sr": sr}, hr, torch.zeros_like(mask))
     assert none.item() == 0.0
     none.backward()  # a batch with no clear pixel still backpropagates (zeros)
@@ -96,3 +105,69 @@ def test_compute_loss_errors():
         compute_loss("l1u_reg", {"sr": sr}, hr, mask)
     with pytest.raises(ValueError, match="choose from"):
         compute_loss("mse", {"sr": sr}, hr, mask)
+
+
+def _qanet_released_direct(sr, hr, mask):
+    """QA-Net's released get_loss written out from its description: on (B,1,H,W), one detached
+    brightness bias per sample and column (clear count + 1), every one of the B*W biases applied to
+    every sample (the (B, B*W, H, W) broadcast), a cPSNR per column, averaged over the columns with a
+    clear pixel and over the batch; the loss is minus that."""
+    B, _, H, W = sr.shape
+    nclear = mask[:, 0].sum(1) + 1  # (B, W): clear pixels per column, + 1
+    bias = (mask[:, 0] * (hr[:, 0] - sr[:, 0])).sum(1).detach() / nclear  # (B, W)
+    corrected = sr + bias.reshape(1, B * W, 1, 1)  # (B, B*W, H, W)
+    cmse = (mask * (corrected - hr) ** 2).sum((1, 2)) / nclear  # (B, W)
+    cmse = torch.where(nclear > 1, cmse, torch.ones_like(cmse))
+    psnr = -10 * torch.log10(cmse)
+    return -(psnr.sum(1) / (nclear > 1).sum(1)).mean()
+
+
+def test_cpsnr_original_matches_the_released_formula():
+    sr, hr, mask, _ = _case(5, b=3, size=12, clear=0.6)
+    mask[1, 0, :, 4] = 0.0  # a column with no clear pixel
+    _check(lambda: qanet_released_loss(sr, hr, mask), lambda: _qanet_released_direct(sr, hr, mask), [sr])
+    # it is not the intended whole-patch cPSNR: the gradients differ
+    g_orig = torch.autograd.grad(qanet_released_loss(sr, hr, mask), sr)[0]
+    g_int = torch.autograd.grad(cpsnr_loss(sr, hr, mask), sr)[0]
+    assert (g_orig - g_int).norm() / g_int.norm() > 0.05
+
+
+def test_cpsnr_original_is_float32_accurate_and_needs_4d():
+    sr, hr, mask, _ = _case(6, b=4, size=16)
+    got = compute_loss("cpsnr_original", {"sr": sr.detach().float()}, hr.float(), mask.float())
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(_qanet_released_direct(sr.detach(), hr, mask).item(), rel=1e-6)
+    with pytest.raises(ValueError, match=r"\(B,1,H,W\)"):
+        compute_loss("cpsnr_original", {"sr": sr[:, 0]}, hr[:, 0], mask[:, 0])
+
+
+def test_l1u_reg_original_adds_the_bias_to_the_log_scale():
+    sr, hr, mask, s = _case(7)
+    H = sr.shape[-1]
+    k = 65535.0 / 2353.0723  # [0,1] units -> the authors' standardised units
+
+    def direct():
+        # _direct passes the residual r = y - x - b; recover b per offset from the same loop
+        out = []
+        for i in range(sr.shape[0]):
+            x = sr[i, 0, 3:H - 3, 3:H - 3]
+            si = s[i, 0, 3:H - 3, 3:H - 3]
+            vals = []
+            for u in range(7):
+                for v in range(7):
+                    y, m = hr[i, 0, u:u + H - 6, v:v + H - 6], mask[i, 0, u:u + H - 6, v:v + H - 6]
+                    b = ((y - x) * m).sum() / m.sum()
+                    sb = si + b * k
+                    vals.append(((sb + (y - x - b).abs() * torch.exp(-sb)) * m).sum() / m.sum())
+            out.append(torch.stack(vals).min())
+        return torch.stack(out).mean()
+
+    _check(lambda: registered_l1_uncertainty_released(sr, s, hr, mask), direct, [sr, s])
+    intended = registered_l1_uncertainty(sr, s, hr, mask)
+    assert intended.item() != pytest.approx(direct().item(), rel=1e-3)
+
+
+def test_config_and_losses_list_the_same_losses():
+    from config import LOSSES as config_losses
+    from utils.losses import LOSSES
+    assert config_losses == LOSSES

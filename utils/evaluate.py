@@ -9,10 +9,22 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from data import ProbaVDataset
+
 from .metrics import cpsnr, cssim, has_clear
 from .runtime import autocast
 
-__all__ = ["super_resolve", "iterate", "evaluate", "summarize", "make_panel", "to_uint16"]
+__all__ = ["eval_scenes", "super_resolve", "iterate", "evaluate", "summarize", "make_panel", "to_uint16"]
+
+
+def eval_scenes(cfg, split: str, bands: str, progress: bool = True) -> ProbaVDataset:
+    """The full scenes of ``split`` prepared as ``cfg`` (a :class:`config.Config`) says for
+    evaluation: frames, their selection (``val_selection``, ``min_frame_clearance``), registration
+    and cloud filling. Shared by validation in training, ``valid.py`` and ``predict.py``."""
+    return ProbaVDataset(cfg.data_dir, split, bands=bands, n_frames=cfg.n_frames, selection=cfg.val_selection,
+                         cache_dir=cfg.cache_dir or None, fill_clouds=cfg.fill_clouds, val_fraction=cfg.val_fraction,
+                         seed=cfg.seed, progress=progress, register=cfg.register,
+                         min_frame_clearance=cfg.min_frame_clearance)
 
 
 def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:

@@ -13,14 +13,30 @@ a batch with none of them gives a zero loss that still depends on the graph (so 
 - ``l1u_reg``: PIUnet's registered L1-uncertainty loss, the minimum over the offsets of the mean
   of ``s + |y - mu - b| exp(-s)`` over the clear pixels, ``s`` the predicted Laplace log-scale.
   In [0,1] units it differs from the authors' standardised-unit loss by a constant only.
+
+The authors' released training code computes two of these differently from what the papers
+describe; each is available as an option, so a reproduction can follow either:
+
+- ``cpsnr_original``: QA-Net's released ``get_loss`` exactly as it computes on ``(B,1,H,W)``
+  tensors. Its sums over dims (1,2) run over the channel and the rows, so it takes one brightness
+  bias per image *column* (over the clear pixels of that column, count + 1, bias detached), and
+  ``bias.view(-1,1,1)`` broadcasts all ``B*W`` column biases of the batch against every sample:
+  the squared error is summed over a ``(B, B*W, H, W)`` tensor, per column, and the per-column
+  PSNRs (columns with a clear pixel) are averaged. Computed here in closed form, without that tensor.
+- ``l1u_reg_original``: PIUnet's released uncertainty loss, which adds the brightness bias to the
+  log-scale as well as to the mean: ``s' = s + b * 65535 / 2353.0723`` (the bias in the authors'
+  standardised units), loss ``s' + |y - mu - b| exp(-s')``.
 """
 from __future__ import annotations
 
 import torch
 
+from models.piunet import RAW_STD
+
 from .metrics import _as_bhw, registered_stats, shifted_windows
 
-__all__ = ["LOSSES", "cpsnr_loss", "registered_l1", "registered_l1_uncertainty", "compute_loss"]
+__all__ = ["LOSSES", "cpsnr_loss", "qanet_released_loss", "registered_l1", "registered_l1_uncertainty",
+           "compute_loss"]
 
 _CMSE_FLOOR = 1e-12  # 120 dB: keeps log10 finite for a perfect patch
 
@@ -43,11 +59,35 @@ def cpsnr_loss(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, shift:
     return -_masked_mean(psnr, valid).to(sr.dtype)
 
 
+def qanet_released_loss(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor) -> torch.Tensor:
+    """Minus QA-Net's released ``get_loss(sr, hr, hr_mask)`` on ``(B,1,H,W)`` tensors (lower is better).
+
+    With ``d = sr - hr``, ``m`` the mask and ``c_j`` (``j < B*W``) the detached column biases of the
+    whole batch, the released code sums ``m (d + c_j)^2`` over ``j`` and the rows; that is
+    ``N*S2 + 2*C1*S1 + C2*S0`` with ``S_k = sum_rows m d^k``, ``C1 = sum_j c_j``,
+    ``C2 = sum_j c_j^2``, ``N = B*W``, summed here in float64 instead of over a ``(B,B*W,H,W)`` tensor.
+    """
+    if sr.dim() != 4 or sr.shape[1] != 1:
+        raise ValueError(f"cpsnr_original: expected (B,1,H,W) tensors, got {tuple(sr.shape)}")
+    f64 = torch.float64
+    d, m = (sr - hr).to(f64), hr_mask.to(f64)
+    nclear = m.sum((1, 2)) + 1  # (B, W): the +1 of the released code
+    bias = ((m * (hr.to(f64) - sr.to(f64))).sum((1, 2)) / nclear).detach().reshape(-1)  # (B*W,)
+    s0, s1, s2 = m.sum((1, 2)), (m * d).sum((1, 2)), (m * d * d).sum((1, 2))
+    cmse = (bias.numel() * s2 + 2 * bias.sum() * s1 + (bias * bias).sum() * s0) / nclear  # (B, W)
+    used = nclear > 1  # columns with a clear pixel; the others count as cMSE 1 (0 dB) in the sum
+    psnr = -10.0 * torch.log10(torch.where(used, cmse, torch.ones_like(cmse)))
+    # a sample without any clear pixel would divide by zero (NaN) in the released code: left out here
+    return -_masked_mean(psnr.sum(1) / used.sum(1).clamp_min(1), used.any(1)).to(sr.dtype)
+
+
 def _registered(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, border: int,
                 per_pixel) -> torch.Tensor:
-    """Min over offsets of the clear-pixel mean of ``per_pixel(residual, crop)``, mean over the batch.
+    """Min over offsets of the clear-pixel mean of ``per_pixel(residual, crop, bias)``, mean over the
+    batch.
 
-    ``residual = HR window - SR crop - bias`` of each offset, ``(B, S*S, h, w)``.
+    ``residual = HR window - SR crop - bias`` of each offset, ``(B, S*S, h, w)``; ``bias``
+    ``(B, S*S, 1, 1)`` is the brightness bias of each offset.
     """
     stats = registered_stats(sr, hr, hr_mask, border)
     sr3, hr3, m3 = _as_bhw(sr, "sr"), _as_bhw(hr, "hr"), _as_bhw(hr_mask, "hr_mask").to(sr.dtype)
@@ -59,7 +99,7 @@ def _registered(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, borde
     bias = stats.bias.reshape(-1, s2, 1, 1).to(sr.dtype)
     n = stats.n.reshape(-1, s2)
     crop = (slice(None), slice(None), slice(border, H - border), slice(border, W - border))
-    per = (per_pixel(y - x - bias, crop) * m).flatten(2).sum(-1) / n.clamp_min(1).to(sr.dtype)
+    per = (per_pixel(y - x - bias, crop, bias) * m).flatten(2).sum(-1) / n.clamp_min(1).to(sr.dtype)
     per = torch.where(n > 0, per, torch.full_like(per, float("inf")))
     best = per.amin(1)
     return _masked_mean(best, torch.isfinite(best))
@@ -67,17 +107,32 @@ def _registered(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, borde
 
 def registered_l1(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, border: int = 3) -> torch.Tensor:
     """PIUnet's registered L1 (see the module docstring); a scalar in [0,1] units."""
-    return _registered(sr, hr, hr_mask, border, lambda r, crop: r.abs())
+    return _registered(sr, hr, hr_mask, border, lambda r, crop, b: r.abs())
 
 
 def registered_l1_uncertainty(sr: torch.Tensor, log_scale: torch.Tensor, hr: torch.Tensor,
                               hr_mask: torch.Tensor, border: int = 3) -> torch.Tensor:
     """PIUnet's registered Laplace loss ``s + |y - mu - b| exp(-s)``; ``log_scale (B,1,H,W)``."""
     s = _as_bhw(log_scale, "log_scale")[:, None]
-    return _registered(sr, hr, hr_mask, border, lambda r, crop: s[crop] + r.abs() * torch.exp(-s[crop]))
+    return _registered(sr, hr, hr_mask, border, lambda r, crop, b: s[crop] + r.abs() * torch.exp(-s[crop]))
 
 
-LOSSES = ("cpsnr", "cpsnr_shift", "l1_reg", "l1u_reg")
+def registered_l1_uncertainty_released(sr: torch.Tensor, log_scale: torch.Tensor, hr: torch.Tensor,
+                                       hr_mask: torch.Tensor, border: int = 3) -> torch.Tensor:
+    """PIUnet's released uncertainty loss: the brightness bias ``b`` of each offset (in [0,1] units)
+    is also added to the log-scale, in the authors' standardised units: ``s' = s + b*65535/2353.0723``,
+    loss ``s' + |y - mu - b| exp(-s')``."""
+    s = _as_bhw(log_scale, "log_scale")[:, None]
+    k = 65535.0 / RAW_STD
+
+    def per_pixel(r, crop, b):
+        s_b = s[crop] + b * k
+        return s_b + r.abs() * torch.exp(-s_b)
+
+    return _registered(sr, hr, hr_mask, border, per_pixel)
+
+
+LOSSES = ("cpsnr", "cpsnr_shift", "cpsnr_original", "l1_reg", "l1u_reg", "l1u_reg_original")
 
 
 def compute_loss(name: str, out: dict, hr: torch.Tensor, hr_mask: torch.Tensor) -> torch.Tensor:
@@ -87,10 +142,13 @@ def compute_loss(name: str, out: dict, hr: torch.Tensor, hr_mask: torch.Tensor) 
         return cpsnr_loss(sr, hr, hr_mask)
     if name == "cpsnr_shift":
         return cpsnr_loss(sr, hr, hr_mask, shift=True)
+    if name == "cpsnr_original":
+        return qanet_released_loss(sr, hr, hr_mask)
     if name == "l1_reg":
         return registered_l1(sr, hr, hr_mask)
-    if name == "l1u_reg":
+    if name in ("l1u_reg", "l1u_reg_original"):
         if "log_scale" not in out:
-            raise ValueError("loss 'l1u_reg' needs a model with an uncertainty output (piunet)")
-        return registered_l1_uncertainty(sr, out["log_scale"].float(), hr, hr_mask)
+            raise ValueError(f"loss {name!r} needs a model with an uncertainty output (piunet)")
+        fn = registered_l1_uncertainty if name == "l1u_reg" else registered_l1_uncertainty_released
+        return fn(sr, out["log_scale"].float(), hr, hr_mask)
     raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")

@@ -103,7 +103,7 @@ def wrap(net: nn.Module, cfg: Config, dist: Dist, device: torch.device) -> nn.Mo
     if dist.enabled:
         # PIUnet's uncertainty head gets no gradient from the losses that ignore it (registered L1)
         losses = {cfg.loss} | ({cfg.warmup_loss} if cfg.warmup_loss and cfg.warmup_epochs > 0 else set())
-        unused = net.has_uncertainty and losses != {"l1u_reg"}
+        unused = net.has_uncertainty and not losses <= {"l1u_reg", "l1u_reg_original"}
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=unused)
     if cfg.compile:
