@@ -56,9 +56,11 @@ class Config:
     # one are dropped, val/test scenes fall back to their clearest frame
     repeats: int = 1  # random patches drawn per scene per epoch
     fill_clouds: bool = False  # replace cloudy LR pixels by the median of the clear frames (data.fill_clouds)
+    augment: bool = False  # random flips/90-degree rotations and frame order of training samples
     num_workers: int = 2  # data-loader worker processes (0: load in the main process)
     cache_dir: str = "results/cache"  # decoded scenes (.npz), rebuilt when a PNG changes
     val_fraction: float = 0.1  # carve of val/ from train/ when the root has none
+    select_fraction: float = 0.0  # share of train/ scenes held out to choose best.pt (0: choose on `split`)
     val_scenes: int = 0  # validate on the first N scenes per band only (0: all)
 
     # --- optimisation --------------------------------------------------------------------------
@@ -72,6 +74,7 @@ class Config:
     lr_gamma: float = 0.8
     lr_unit: str = "epoch"  # epoch | step: what lr_milestones count
     grad_clip: float = 15.0  # max gradient norm (0: off)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
     loss: str = "cpsnr"  # cpsnr | cpsnr_shift | cpsnr_original | l1_reg | l1u_reg | l1u_reg_original (utils.losses)
     warmup_loss: str = ""  # a loss used for the first warmup_epochs epochs (PIUnet: l1_reg)
     warmup_epochs: int = 0
@@ -110,7 +113,7 @@ LOSSES = ("cpsnr", "cpsnr_shift", "cpsnr_original", "l1_reg", "l1u_reg", "l1u_re
 CHOICES = {
     "model": ("qanet", "piunet", "baseline"),
     "band": ("NIR", "RED", "all"),
-    "split": ("train", "val", "test"),
+    "split": ("train", "select", "val", "test"),
     "amp": ("off", "bf16", "fp16"),
     "train_selection": ("clearest", "weighted", "coverage", "all"),
     "val_selection": ("clearest", "weighted", "coverage", "all"),
@@ -145,8 +148,11 @@ PRESETS: dict[str, dict] = {
                  n_frames=9, train_selection="clearest", val_selection="clearest", fill_clouds=True, lr=1e-3,
                  weight_decay=0.0, lr_milestones=(18,), lr_gamma=0.2, lr_unit="epoch", grad_clip=15.0,
                  loss="l1_reg", warmup_loss="", warmup_epochs=0, val_every=25, num_workers=0, min_clear=0.25),
-    # Real scenes (../shared/probav or any small root) on a CPU in under 30 minutes.
-    "cpu_real": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4), band="all", device="cpu",
+    # Real scenes (../shared/probav or any small root) on a CPU in under 30 minutes: a small PIUnet
+    # that starts from the ESA baseline and learns a residual on it, flips/rotations, a moving
+    # average of the weights, best.pt chosen on 10% of the train scenes held out.
+    "cpu_real": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4, skip="baseline"),
+                     augment=True, ema=0.995, select_fraction=0.1, band="all", device="cpu",
                      epochs=30, batch_size=8, repeats=4, patch_size=32, n_frames=9, train_selection="clearest",
                      val_selection="clearest", fill_clouds=True, lr=1e-3, weight_decay=0.0, lr_milestones=(22,),
                      lr_gamma=0.2, lr_unit="epoch", grad_clip=15.0, loss="l1_reg", warmup_loss="", warmup_epochs=0,
@@ -197,7 +203,9 @@ def _check(cfg: Config) -> Config:
                 "log_every", "val_batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be at least 1")
-    for key in ("min_clear", "min_frame_clearance"):
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ConfigError(f"ema={cfg.ema} must lie in [0, 1): the decay of the weights' moving average")
+    for key in ("min_clear", "min_frame_clearance", "select_fraction"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must lie in [0, 1]")
     if cfg.cuda_graphs and cfg.compile:

@@ -37,14 +37,17 @@ def prepare_data_dir(cfg: Config, dist: Dist) -> None:
         dist.barrier()
 
 
-def datasets(cfg: Config, progress: bool) -> tuple[ProbaVDataset, ProbaVDataset]:
-    """Training patches and the full validation scenes of ``cfg``."""
+def datasets(cfg: Config, progress: bool) -> tuple[ProbaVDataset, ProbaVDataset, ProbaVDataset | None]:
+    """Training patches, the full validation scenes, and the full scenes that choose ``best.pt``
+    (None: the validation scenes choose)."""
     train = ProbaVDataset(cfg.data_dir, "train", bands=cfg.band, n_frames=cfg.n_frames, selection=cfg.train_selection,
                           patch_size=cfg.patch_size, min_clear=cfg.min_clear, beta=cfg.beta, seed=cfg.seed,
                           cache_dir=cfg.cache_dir or None, val_fraction=cfg.val_fraction, progress=progress,
                           repeats=cfg.repeats, fill_clouds=cfg.fill_clouds, register=cfg.register,
-                          min_frame_clearance=cfg.min_frame_clearance, patches=cfg.patches)
-    return train, eval_scenes(cfg, cfg.split, cfg.band, progress)
+                          min_frame_clearance=cfg.min_frame_clearance, patches=cfg.patches, augment=cfg.augment,
+                          select_fraction=cfg.select_fraction)
+    select = eval_scenes(cfg, "select", cfg.band, progress) if cfg.select_fraction > 0 else None
+    return train, eval_scenes(cfg, cfg.split, cfg.band, progress), select
 
 
 def resolve_config(argv: list[str]) -> tuple[Config, dict | None]:
@@ -88,7 +91,7 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
     save ``last.pt`` after every epoch; a run stopped by ``max_steps`` is scored where it stopped."""
     seed_everything(cfg.seed)
     prepare_data_dir(cfg, dist)
-    train_ds, val_ds = datasets(cfg, progress=dist.main)
+    train_ds, val_ds, select_ds = datasets(cfg, progress=dist.main)
     norm_file = Path(cfg.data_dir) / "norm.csv"
     norm = read_norm(norm_file) if norm_file.exists() else {}
     trainer = Trainer(cfg, dist, device, ckpt)
@@ -100,12 +103,12 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
                 if not trainer.train_epoch(train_ds, writer):
                     break  # max_steps reached mid-epoch
                 if p.epoch % cfg.val_every == 0 or p.epoch == cfg.epochs:
-                    summary = trainer.validate_and_keep(val_ds, norm, writer)
+                    summary = trainer.validate_and_keep(val_ds, norm, writer, select_ds)
                     if dist.main:
                         tqdm.write(f"epoch {p.epoch}: {describe(summary)}")
                 trainer.save("last.pt")
             if p.step_in_epoch or summary is None:  # stopped early: score what we have
-                summary = trainer.validate_and_keep(val_ds, norm, writer)
+                summary = trainer.validate_and_keep(val_ds, norm, writer, select_ds)
                 trainer.save("last.pt")
     finally:
         if writer is not None:

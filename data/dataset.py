@@ -28,37 +28,51 @@ from tqdm import tqdm
 from .io import BANDS, SCALE, DataError, DatasetNotFoundError, list_scenes, read_scene
 from .registration import REGISTRATION_VERSION, register_frames
 
-__all__ = ["ProbaVDataset", "fill_clouds", "split_scenes", "select_frames", "scene_signature", "load_scene_cached",
-           "VAL_FRACTION", "VAL_SEED", "SELECTIONS"]
+__all__ = ["ProbaVDataset", "augment_sample", "fill_clouds", "split_scenes", "select_frames", "scene_signature",
+           "load_scene_cached", "VAL_FRACTION", "VAL_SEED", "SELECTIONS"]
 
 VAL_FRACTION = 0.1  # share of train/ scenes held out per band when the root has no val/
 VAL_SEED = 0  # the carve is a seeded permutation of the sorted scene names: the same on every machine
 SELECTIONS = ("clearest", "weighted", "coverage", "all")
 
 
-def split_scenes(root: str | os.PathLike, split: str, band: str,
-                 val_fraction: float = VAL_FRACTION, seed: int = VAL_SEED) -> list[Path]:
+def _carve(scenes: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """``(rest, carved)``: ``ceil(fraction*n)`` scenes picked by a permutation seeded with ``seed``."""
+    n = math.ceil(fraction * len(scenes))
+    picked = set(np.random.default_rng(seed).permutation(len(scenes))[:n].tolist())
+    return ([s for i, s in enumerate(scenes) if i not in picked], [s for i, s in enumerate(scenes) if i in picked])
+
+
+def split_scenes(root: str | os.PathLike, split: str, band: str, val_fraction: float = VAL_FRACTION,
+                 seed: int = VAL_SEED, select_fraction: float = 0.0) -> list[Path]:
     """Scene folders of one split and band.
 
     ``train``/``val`` use ``root/val`` when it exists. Without it, ``val`` is ``ceil(val_fraction*n)``
     scenes of ``root/train/band`` picked by a permutation seeded with ``seed`` and ``train`` is the
-    rest, so the two never overlap.
+    rest, so the two never overlap. With ``select_fraction > 0``, ``select`` (for choosing
+    checkpoints) is ``ceil(select_fraction*n)`` of those training scenes, picked by a permutation
+    seeded with ``seed + 1``, and ``train`` is what remains.
     """
     root = Path(root)
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be one of train, val, test; got {split!r}")
+    if split not in ("train", "select", "val", "test"):
+        raise ValueError(f"split must be one of train, select, val, test; got {split!r}")
     if band not in BANDS:
         raise ValueError(f"band must be one of {', '.join(BANDS)}; got {band!r}")
-    if split == "test" or (root / "val").is_dir():
+    if split == "select" and select_fraction <= 0:
+        raise ValueError("the select split needs select_fraction > 0")
+    if split == "test" or (split == "val" and (root / "val").is_dir()):
         return list_scenes(root, split, band)
-    scenes = list_scenes(root, "train", band)
-    n_val = math.ceil(val_fraction * len(scenes))
-    order = np.random.default_rng(seed).permutation(len(scenes))
-    val_idx = set(order[:n_val].tolist())
-    picked = [s for i, s in enumerate(scenes) if (i in val_idx) == (split == "val")]
+    pool = list_scenes(root, "train", band)
+    if not (root / "val").is_dir():
+        pool, val = _carve(pool, val_fraction, seed)
+        if split == "val":
+            picked, how = val, f"val_fraction={val_fraction}"
+    if split != "val":
+        pool, select = _carve(pool, select_fraction, seed + 1) if select_fraction > 0 else (pool, [])
+        picked, how = (select, f"select_fraction={select_fraction}") if split == "select" else (pool, "the carves")
     if not picked:
-        raise DataError(f"{root / 'train' / band}: the {split} split carved with val_fraction={val_fraction} "
-                        f"is empty ({len(scenes)} scenes in train/)")
+        raise DataError(f"{root / 'train' / band}: the {split} split left by {how} is empty "
+                        f"({len(list_scenes(root, 'train', band))} scenes in train/)")
     return picked
 
 
@@ -207,6 +221,24 @@ def fill_clouds(lr: np.ndarray, qm: np.ndarray) -> np.ndarray:
     return np.where(qm, lr, med[None]).astype(lr.dtype)
 
 
+def augment_sample(rng: np.random.Generator, lr: np.ndarray, qm: np.ndarray, hr: np.ndarray | None,
+            sm: np.ndarray | None) -> tuple:
+    """One of the 8 flips/rotations of the pixel grid, drawn from ``rng``, applied alike to
+    ``lr``/``qm`` ``(T,h,w)`` and ``hr``/``sm`` ``(H,W)`` (None stays None), and the frames put in a
+    random order. A x3 upscaling maps LR pixel ``i`` to HR pixels ``3i..3i+2``, so the transformed
+    pair is again an exact LR/HR pair."""
+    k, flip = int(rng.integers(4)), bool(rng.integers(2))
+    order = rng.permutation(lr.shape[0])
+
+    def tf(a):
+        if a is None:
+            return None
+        a = np.rot90(a[..., ::-1] if flip else a, k, axes=(-2, -1))
+        return np.ascontiguousarray(a)
+
+    return tf(lr[order]), tf(qm[order]), tf(hr), tf(sm)
+
+
 class ProbaVDataset(Dataset):
     """Scenes of one split and one or both bands of a PROBA-V root.
 
@@ -223,6 +255,8 @@ class ProbaVDataset(Dataset):
             reproducible whatever the worker count (set the epoch with :meth:`set_epoch`).
         cache_dir: on-disk decode cache (None: decode PNGs on every construction).
         val_fraction, val_seed: the carve of ``val`` from ``train`` when the root has no ``val/``.
+        select_fraction: the carve of ``select`` (checkpoint selection) from ``train`` (see
+            :func:`split_scenes`); ``train`` then leaves those scenes out.
         progress: show a tqdm bar while scenes load.
         repeats: the dataset lists every scene this many times (several random patches per scene
             and epoch); item ``i`` is scene ``i % n_scenes``.
@@ -234,6 +268,9 @@ class ProbaVDataset(Dataset):
         min_frame_clearance: frames must be clearer than this to be selected (see
             :func:`select_frames`); a ``train`` scene with no such frame is dropped (``dropped``
             lists them), a ``val``/``test`` scene falls back to its clearest frame.
+        augment: for training samples, a random flip/rotation by multiples of 90 degrees (the same
+            for frames, masks and target: a x3 upscaling commutes with them exactly) and a random
+            order of the selected frames (see :func:`augment_sample`).
         patches: ``"random"`` crops (redrawn until ``min_clear`` holds) or ``"grid"``: the fixed
             grid of non-overlapping patches whose HR clear fraction is at least ``min_clear``
             (PIUnet's authors); an epoch then visits every grid patch ``repeats`` times.
@@ -244,7 +281,8 @@ class ProbaVDataset(Dataset):
                  min_clear: float = 0.0, beta: float = 50.0, seed: int = 0,
                  cache_dir: str | os.PathLike | None = None, val_fraction: float = VAL_FRACTION,
                  val_seed: int = VAL_SEED, progress: bool = True, repeats: int = 1, fill_clouds: bool = False,
-                 register: bool = False, min_frame_clearance: float = 0.0, patches: str = "random"):
+                 register: bool = False, min_frame_clearance: float = 0.0, patches: str = "random",
+                 augment: bool = False, select_fraction: float = 0.0):
         root = Path(root)
         if not root.is_dir():
             # the same message as the reader's: how to get the data, how to run the demo
@@ -260,7 +298,8 @@ class ProbaVDataset(Dataset):
         if patches not in ("random", "grid"):
             raise ValueError(f"patches must be 'random' or 'grid', got {patches!r}")
         self.repeats, self.fill_clouds, self.min_frame_clearance = repeats, fill_clouds, min_frame_clearance
-        paths = [p for b in bands for p in split_scenes(root, split, b, val_fraction, val_seed)]
+        self.augment = augment
+        paths = [p for b in bands for p in split_scenes(root, split, b, val_fraction, val_seed, select_fraction)]
         if not paths:
             raise DatasetNotFoundError(f"{root}: no scene in split {split!r} for bands {bands}")
         cache = Path(cache_dir) if cache_dir is not None else None
@@ -349,6 +388,8 @@ class ProbaVDataset(Dataset):
             lr, qm = lr[:, y:y + p, x:x + p], qm[:, y:y + p, x:x + p]
             hr = hr[SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if hr is not None else None
             sm = sm[SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if sm is not None else None
+        if self.augment:
+            lr, qm, hr, sm = augment_sample(rng, lr, qm, hr, sm)
         lr = lr.astype(np.float32) / 65535.0
         if self.fill_clouds:
             lr = fill_clouds(lr, qm)

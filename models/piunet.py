@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .baseline import ESABaseline
 from .layers import FrameAttention, FrameConv, is_channels_last
 
 RAW_MEAN = 7433.6436  # the authors' standardisation of raw uint16 PROBA-V values
@@ -97,6 +98,11 @@ class PIUnet(nn.Module):
     Args (the authors' names in brackets; defaults are their published configuration):
         n_feats (N_feat): feature channels. r_bneck (R_bneck): squeeze-and-excitation reduction.
         n_tefa (N_tefa): TEFA blocks. n_heads (N_heads): attention heads. scale: upscaling (3).
+        skip: what the predicted residual is added to. ``"bilinear"`` (the authors): the mean of
+            the bilinearly upscaled frames. ``"baseline"`` (ours): the ESA baseline of the input
+            frames (:class:`models.baseline.ESABaseline`, which reads the masks), with the last
+            layer of the residual zero-initialised, so training starts from the baseline and
+            only learns what improves on it. Same parameters and state-dict keys either way.
 
     ``forward(lrs (B,T,h,w) standardised) -> (mu, s)``, each ``(B,1,3h,3w)``: ``mu`` in standardised
     units, ``s`` the log-scale of the Laplace likelihood in those units. Any ``T >= 1``; the output
@@ -106,10 +112,15 @@ class PIUnet(nn.Module):
     registry_name = "piunet"
     has_uncertainty = True
 
-    def __init__(self, n_feats: int = 42, r_bneck: int = 8, n_tefa: int = 16, n_heads: int = 1, scale: int = 3):
+    def __init__(self, n_feats: int = 42, r_bneck: int = 8, n_tefa: int = 16, n_heads: int = 1, scale: int = 3,
+                 skip: str = "bilinear"):
         super().__init__()
+        if skip not in ("bilinear", "baseline"):
+            raise ValueError(f"piunet: skip must be 'bilinear' or 'baseline', got {skip!r}")
         self.kwargs = dict(n_feats=n_feats, r_bneck=r_bneck, n_tefa=n_tefa, n_heads=n_heads, scale=scale)
-        c, self.scale = n_feats, scale
+        if skip != "bilinear":  # the authors' configurations keep exactly their keyword arguments
+            self.kwargs["skip"] = skip
+        c, self.scale, self.skip = n_feats, scale, skip
         self.conv_in = FrameConv(1, c)
         self.tran_in = FrameAttention(c, n_heads)
         self.norm00 = nn.BatchNorm2d(c)
@@ -124,11 +135,17 @@ class PIUnet(nn.Module):
         self.conv_d2s_sigma = nn.Conv2d(c, c, 3, padding=1)
         self.conv_out_sigma = nn.Conv2d(c, 1, 1)
         self.norm_sigma = nn.BatchNorm2d(c)
+        if skip == "baseline":
+            self.baseline = ESABaseline(scale)
+            nn.init.zeros_(self.conv_d2s_mu.weight)
+            nn.init.zeros_(self.conv_d2s_mu.bias)
 
     def _up(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
 
-    def forward(self, lrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, lrs: torch.Tensor, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lrs (B,T,h,w)`` standardised -> ``(mu, s)``; ``base (B,1,3h,3w)`` standardised is the
+        image the residual is added to (default: the mean of the bilinearly upscaled frames)."""
         b, t, h, w = lrs.shape
         x = self.conv_in(lrs.reshape(b * t, 1, h, w))
         x = F.leaky_relu(self.norm00(x.contiguous(memory_format=getattr(self, "memory_format",
@@ -142,7 +159,9 @@ class PIUnet(nn.Module):
         x = self.regnet(x + x_res, t)
         x = _frame_mean(x, t)  # (B, C, h, w): invariant to the frame order
         # bilinear upscaling is linear: the mean of the upscaled frames is the upscaled mean
-        mu = F.pixel_shuffle(self.conv_d2s_mu(x), self.scale) + self._up(lrs.mean(1, keepdim=True))
+        if base is None:
+            base = self._up(lrs.mean(1, keepdim=True))
+        mu = F.pixel_shuffle(self.conv_d2s_mu(x), self.scale) + base
         s = self.conv_out_sigma(F.leaky_relu(self.norm_sigma(self.conv_d2s_sigma(self._up(x)))))
         return mu, s
 
@@ -150,5 +169,10 @@ class PIUnet(nn.Module):
         """The common interface: ``lr (B,T,h,w)`` in [0,1] (masks unused) ->
         ``{"sr": (B,1,3h,3w) in [0,1] units, "log_scale": (B,1,3h,3w)}``, the Laplace log-scale in
         [0,1] units: ``s + log(RAW_STD / 65535)``."""
-        mu, s = self(standardize(lr))
+        base = None
+        if self.skip == "baseline":
+            if lr_mask is None:
+                raise ValueError("piunet with skip='baseline' needs the quality maps (lr_mask)")
+            base = standardize(self.baseline(lr, lr_mask))
+        mu, s = self(standardize(lr), base)
         return {"sr": destandardize(mu), "log_scale": s + math.log(RAW_STD / _FULL)}

@@ -292,3 +292,32 @@ def test_step_batch_sampler_splits_steps_over_processes_and_accumulation():
     assert list(StepBatchSampler(20, 2, seed=3, epoch=2)) != list(StepBatchSampler(20, 2, seed=3, epoch=1))
     with pytest.raises(ValueError, match="cannot fill one optimizer step"):
         StepBatchSampler(5, 2, world=2, accum_steps=2)
+
+
+def test_select_split_is_carved_from_train_and_disjoint(synthetic_root):
+    for band in ("NIR", "RED"):
+        train = set(split_scenes(synthetic_root, "train", band, select_fraction=0.34))
+        select = set(split_scenes(synthetic_root, "select", band, select_fraction=0.34))
+        everything = set(split_scenes(synthetic_root, "train", band))
+        val = set(split_scenes(synthetic_root, "val", band, select_fraction=0.34))
+        assert len(select) == 2 and train | select == everything and not train & select and not val & everything
+    with pytest.raises(ValueError, match="select_fraction"):
+        split_scenes(synthetic_root, "select", "NIR")
+
+
+def test_augmentation_keeps_lr_and_hr_aligned():
+    from data.dataset import augment_sample
+    rng = np.random.default_rng(0)
+    lr = rng.integers(0, 1000, size=(3, 5, 4)).astype(np.uint16)
+    qm = lr > 500
+    hr = np.kron(lr[1], np.ones((3, 3), np.uint16))  # the target is frame 1, upscaled
+    sm = np.kron(qm[1], np.ones((3, 3), bool))
+    seen = set()
+    for seed in range(40):
+        a_lr, a_qm, a_hr, a_sm = augment_sample(np.random.default_rng(seed), lr, qm, hr, sm)
+        pos = [t for t in range(3) if np.array_equal(np.sort(a_lr[t].ravel()), np.sort(lr[1].ravel()))]
+        assert any(np.array_equal(np.kron(a_lr[t], np.ones((3, 3), np.uint16)), a_hr) for t in pos)
+        assert np.array_equal(a_qm, a_lr > 500) and np.array_equal(a_sm, a_hr > 500)
+        seen.add(a_hr.tobytes())
+    assert len(seen) == 8  # every flip/rotation occurs
+    assert augment_sample(np.random.default_rng(0), lr, qm, None, None)[2] is None

@@ -204,3 +204,21 @@ def test_written_out_attention_equals_the_fused_kernel():
     grads_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
     for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_piunet_baseline_skip_starts_at_the_esa_baseline():
+    from models import build_model
+    g = torch.Generator().manual_seed(0)
+    lr = torch.rand(2, 5, 12, 12, generator=g)
+    mask = (torch.rand(2, 5, 12, 12, generator=g) < 0.8).float()
+    net = build_model("piunet", n_feats=8, n_tefa=1, r_bneck=4, skip="baseline")
+    ref = build_model("piunet", n_feats=8, n_tefa=1, r_bneck=4)
+    assert net.state_dict().keys() == ref.state_dict().keys()  # same weights layout as the authors'
+    assert "skip" not in ref.kwargs and net.kwargs["skip"] == "baseline"
+    base = build_model("baseline").super_resolve(lr, mask)["sr"]
+    out = net.train().super_resolve(lr, mask)
+    torch.testing.assert_close(out["sr"], base, atol=1e-6, rtol=0)
+    out["sr"].sum().backward()  # the zero-initialised last layer still learns
+    assert net.conv_d2s_mu.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="skip"):
+        build_model("piunet", skip="nearest")

@@ -59,7 +59,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
                     epoch: int = 0, step: int = 0, step_in_epoch: int = 0, best_score: float | None = None,
-                    config: dict | None = None, rng: dict | None = None, model_name: str | None = None) -> None:
+                    config: dict | None = None, rng: dict | None = None, model_name: str | None = None,
+                    extra: dict | None = None) -> None:
+    """Write a checkpoint of ``model`` (the weights valid.py and predict.py use) and the training
+    state; ``extra`` adds fields (tensors and plain values only, see the module docstring)."""
     m = unwrap(model)
     name = model_name or getattr(m, "registry_name", None) or type(m).__name__.lower()
     atomic_torch_save({
@@ -68,7 +71,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer=None
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best_score": best_score,
-        "config": config, "rng": rng}, path)
+        "config": config, "rng": rng, **(extra or {})}, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

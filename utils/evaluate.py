@@ -24,7 +24,7 @@ def eval_scenes(cfg, split: str, bands: str, progress: bool = True) -> ProbaVDat
     return ProbaVDataset(cfg.data_dir, split, bands=bands, n_frames=cfg.n_frames, selection=cfg.val_selection,
                          cache_dir=cfg.cache_dir or None, fill_clouds=cfg.fill_clouds, val_fraction=cfg.val_fraction,
                          seed=cfg.seed, progress=progress, register=cfg.register,
-                         min_frame_clearance=cfg.min_frame_clearance)
+                         min_frame_clearance=cfg.min_frame_clearance, select_fraction=cfg.select_fraction)
 
 
 def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:

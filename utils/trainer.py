@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -115,7 +116,8 @@ class Trainer:
     """The state of one training run and the operations that change it.
 
     Holds the network (``net``, plain) and its training form (``model``: DDP/compile wrappers), the
-    optimizer, scheduler and gradient scaler, and the run's :class:`Progress`. A checkpoint in
+    optimizer, scheduler and gradient scaler, the moving average of the weights (``ema``, when
+    ``cfg.ema > 0``) and the run's :class:`Progress`. A checkpoint in
     ``ckpt`` (``--resume``) restores all of them and the RNG states.
     """
 
@@ -126,6 +128,10 @@ class Trainer:
         self.optimizer = make_optimizer(self.net.parameters(), cfg.lr, cfg.weight_decay, device)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.lr_milestones), cfg.lr_gamma)
         self.scaler = make_scaler(device, cfg.amp)
+        # an exponential moving average of the weights (and BatchNorm statistics), updated after
+        # every optimizer step; validation and checkpoints use it when on
+        self.ema = (AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+                    if cfg.ema > 0 else None)
         self.progress = Progress()
         if ckpt is not None:
             self.restore(ckpt)
@@ -135,9 +141,17 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
+    def eval_net(self) -> nn.Module:
+        """The weights to validate and keep: the moving average when ``ema`` is on."""
+        return self.ema.module if self.ema is not None else self.net
+
     def restore(self, ckpt: dict) -> None:
-        """Load weights, optimizer, scheduler, scaler, progress and RNG states from a checkpoint."""
-        self.net.load_state_dict(ckpt["model"])
+        """Load weights (and their moving average), optimizer, scheduler, scaler, progress and RNG
+        states from a checkpoint."""
+        self.net.load_state_dict(ckpt["raw_model"] if self.ema is not None else ckpt["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt["model"])
+            self.ema.n_averaged.fill_(ckpt["ema_updates"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -153,10 +167,12 @@ class Trainer:
         if not self.dist.main:
             return
         p = self.progress
-        save_checkpoint(self.run / "checkpoints" / name, model=self.net, optimizer=self.optimizer,
+        extra = {} if self.ema is None else {"raw_model": self.net.state_dict(),
+                                              "ema_updates": int(self.ema.n_averaged)}
+        save_checkpoint(self.run / "checkpoints" / name, model=self.eval_net(), optimizer=self.optimizer,
                         scheduler=self.scheduler, scaler=self.scaler, epoch=p.epoch, step=p.step,
                         step_in_epoch=p.step_in_epoch, best_score=None if p.best == math.inf else p.best,
-                        config=self.cfg.to_dict(), rng=rng_state())
+                        config=self.cfg.to_dict(), rng=rng_state(), extra=extra)
 
     # --- one optimisation step --------------------------------------------------------------------------
 
@@ -208,6 +224,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
         if cfg.lr_unit == "step":
             self.scheduler.step()
         self.progress.step += 1
@@ -280,13 +298,16 @@ class Trainer:
 
     # --- validation and the checkpoint policy ---------------------------------------------------------
 
-    def validate_and_keep(self, val_ds: ProbaVDataset, norm: dict, writer=None) -> dict:
-        """Score the validation scenes; when the score beats ``progress.best``, update it and save
-        ``best.pt``. Returns the summary (see :func:`utils.evaluate.summarize`)."""
-        summary = validate(self.model, val_ds, self.cfg, self.dist, self.device, norm, self.progress.epoch,
-                           writer, self.run)
-        if criterion(summary) < self.progress.best:
-            self.progress.best = criterion(summary)
+    def validate_and_keep(self, val_ds: ProbaVDataset, norm: dict, writer=None,
+                          select_ds: ProbaVDataset | None = None) -> dict:
+        """Score the validation scenes, and the selection scenes when given; when the score of the
+        scenes that choose (``select_ds``, else ``val_ds``) beats ``progress.best``, update it and
+        save ``best.pt``. Returns the validation summary (see :func:`utils.evaluate.summarize`)."""
+        args = (self.cfg, self.dist, self.device, norm, self.progress.epoch, writer, self.run)
+        summary = validate(self.eval_net(), val_ds, *args)
+        chooser = summary if select_ds is None else validate(self.eval_net(), select_ds, *args, tag="select")
+        if criterion(chooser) < self.progress.best:
+            self.progress.best = criterion(chooser)
             self.save("best.pt")
         return summary
 
@@ -305,11 +326,12 @@ def val_indices(ds: ProbaVDataset, limit: int) -> list[int]:
 
 
 def validate(model: nn.Module, ds: ProbaVDataset, cfg: Config, dist: Dist, device: torch.device,
-             norm: dict, epoch: int, writer, run: Path | None) -> dict:
-    """Score the validation scenes (sharded over the processes, gathered on all) -> summary; on
-    rank 0 also log the means to ``writer`` and write comparison panels to ``run/images``."""
+             norm: dict, epoch: int, writer, run: Path | None, tag: str = "val") -> dict:
+    """Score the scenes of ``ds`` (sharded over the processes, gathered on all) -> summary; on
+    rank 0 also log the means to ``writer`` under ``tag/`` and, for ``tag="val"``, write
+    comparison panels to ``run/images``."""
     indices = val_indices(ds, cfg.val_scenes)
-    shown = set(indices[:cfg.n_images])
+    shown = set(indices[:cfg.n_images]) if tag == "val" else set()
     panels: list[tuple[str, np.ndarray]] = []
 
     def on_batch(batch: dict, out: dict) -> None:
@@ -330,18 +352,19 @@ def validate(model: nn.Module, ds: ProbaVDataset, cfg: Config, dist: Dist, devic
                      key=lambda r: (r["band"], r["scene"]))
     summary = summarize(records)
     if dist.main and writer is not None:
-        _log_validation(summary, panels, epoch, writer, run)
+        _log_validation(summary, panels, epoch, writer, run, tag)
     return summary
 
 
-def _log_validation(summary: dict, panels: list[tuple[str, np.ndarray]], epoch: int, writer, run: Path) -> None:
+def _log_validation(summary: dict, panels: list[tuple[str, np.ndarray]], epoch: int, writer, run: Path,
+                    tag: str) -> None:
     from PIL import Image
 
     for band, s in summary.items():
         suffix = "" if band == "all" else f"_{band}"
         for key in ("cpsnr", "cssim", "score"):
             if s[key] == s[key]:
-                writer.add_scalar(f"val/{key}{suffix}", s[key], epoch)
+                writer.add_scalar(f"{tag}/{key}{suffix}", s[key], epoch)
     images = run / "images"
     images.mkdir(exist_ok=True)
     for name, panel in panels:
