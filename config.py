@@ -66,6 +66,7 @@ class Config:
     # --- optimisation --------------------------------------------------------------------------
     epochs: int = 520
     max_steps: int = 0  # stop after this many optimizer steps (0: no limit)
+    max_minutes: float = 0.0  # stop training after this many minutes, then validate and save (0: no limit)
     batch_size: int = 10  # per process
     accum_steps: int = 1  # micro-batches per optimizer step
     lr: float = 1e-4

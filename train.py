@@ -99,9 +99,9 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
     p, summary = trainer.progress, None
     try:
         with trainer.catch_interrupt():
-            while p.epoch < cfg.epochs and not trainer.max_steps_reached():
+            while p.epoch < cfg.epochs and not trainer.out_of_budget():
                 if not trainer.train_epoch(train_ds, writer):
-                    break  # max_steps reached mid-epoch
+                    break  # max_steps or max_minutes reached mid-epoch
                 if p.epoch % cfg.val_every == 0 or p.epoch == cfg.epochs:
                     summary = trainer.validate_and_keep(val_ds, norm, writer, select_ds)
                     if dist.main:

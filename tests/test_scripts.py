@@ -255,3 +255,11 @@ def test_resume_is_exact_with_ema_augmentation_and_a_selection_split(synthetic_r
     # valid.py rebuilds the baseline-skip model from the checkpoint alone
     summary = valid.main([f"--checkpoint={full / 'checkpoints' / 'last.pt'}", f"--out_dir={tmp_path / 'v'}"])
     assert math.isfinite(summary["all"]["cpsnr"])
+
+
+def test_max_minutes_stops_training_then_validates_and_saves(synthetic_root, tmp_path):
+    run = train.main(_common(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={tmp_path / 'r'}",
+                                                                       "--max_minutes=0.0001"])
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]) == (0, 1, 1)  # stopped after its first step
+    assert (run / "checkpoints" / "best.pt").exists()

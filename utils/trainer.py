@@ -138,6 +138,8 @@ class Trainer:
         self.model = wrap(self.net, cfg, dist, device)
         self.graphed: nn.Module | None = None  # CUDA graphs, captured at the first training batch
         self.stop_requested = False
+        self.started = time.monotonic()  # for max_minutes (a resumed run gets a new budget)
+        self.time_up = False  # max_minutes passed on some process (agreed on in train_step)
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
@@ -191,14 +193,15 @@ class Trainer:
         """One optimizer step over ``accum_steps`` micro-batches drawn from ``batches``.
 
         Changes the weights, the optimizer and scaler state, the per-step scheduler and
-        ``progress.step``; sets ``stop_requested`` when any process was asked to stop (Ctrl-C).
+        ``progress.step``; sets ``stop_requested`` when any process was asked to stop (Ctrl-C) and
+        ``time_up`` when ``max_minutes`` passed on any process (all processes agree on both).
         Returns the loss averaged over micro-batches and processes, and the samples all processes
         used. Raises :class:`TrainingDiverged` on a non-finite loss, before the weights change.
         """
         cfg, dist = self.cfg, self.dist
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros(2, dtype=torch.float64)  # [loss, stop requested], summed over processes
+        total = torch.zeros(3, dtype=torch.float64)  # [loss, stop requested, time up], summed over processes
         samples = 0
         for a in range(cfg.accum_steps):
             mb = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
@@ -210,9 +213,10 @@ class Trainer:
             total[0] += loss.detach().double().cpu() / cfg.accum_steps
             samples += len(mb["name"]) * dist.world
         total[1] = float(self.stop_requested)
+        total[2] = float(cfg.max_minutes > 0 and time.monotonic() - self.started >= 60 * cfg.max_minutes)
         total = dist.all_reduce_sum(total)
         mean_loss = float(total[0]) / dist.world
-        self.stop_requested = bool(total[1] > 0)
+        self.stop_requested, self.time_up = bool(total[1] > 0), bool(total[2] > 0)
         if not math.isfinite(mean_loss):
             last = self.run / "checkpoints" / "last.pt"
             kept = f"The last good checkpoint is {last}." if last.exists() else "No checkpoint was written yet."
@@ -247,16 +251,18 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, old)
 
-    def max_steps_reached(self) -> bool:
-        return bool(self.cfg.max_steps) and self.progress.step >= self.cfg.max_steps
+    def out_of_budget(self) -> bool:
+        """True once ``max_steps`` optimizer steps are done or ``max_minutes`` have passed."""
+        cfg = self.cfg
+        return (bool(cfg.max_steps) and self.progress.step >= cfg.max_steps) or self.time_up
 
     def train_epoch(self, train_ds: ProbaVDataset, writer=None) -> bool:
         """Train the current epoch from ``progress.step_in_epoch`` on, logging to ``writer``.
 
         Returns True when the epoch completed (then ``progress.epoch`` is advanced, the per-epoch
-        scheduler stepped and ``step_in_epoch`` reset), False when ``max_steps`` stopped it midway
-        (``step_in_epoch`` says where; ``last.pt`` is saved). On Ctrl-C saves ``last.pt`` and raises
-        ``SystemExit(130)``.
+        scheduler stepped and ``step_in_epoch`` reset), False when ``max_steps`` or ``max_minutes``
+        stopped it midway (``step_in_epoch`` says where; ``last.pt`` is saved). On Ctrl-C saves
+        ``last.pt`` and raises ``SystemExit(130)``.
         """
         cfg, dist, p = self.cfg, self.dist, self.progress
         train_ds.set_epoch(p.epoch)
@@ -279,7 +285,7 @@ class Trainer:
                 writer.add_scalar("train/samples_per_s", rate, p.step)
                 writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], p.step)
                 logged = []
-            if self.stop_requested or self.max_steps_reached():
+            if self.stop_requested or self.out_of_budget():
                 bar.close()
                 p.step_in_epoch = i + 1
                 self.save("last.pt")
