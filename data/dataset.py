@@ -221,6 +221,11 @@ def fill_clouds(lr: np.ndarray, qm: np.ndarray) -> np.ndarray:
     return np.where(qm, lr, med[None]).astype(lr.dtype)
 
 
+def _hr_window(a: np.ndarray | None, y: int, x: int, p: int) -> np.ndarray | None:
+    """The HR ``(3p, 3p)`` window of ``a`` under the LR patch at ``(y, x)`` of side ``p`` (None stays None)."""
+    return None if a is None else a[SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)]
+
+
 def augment_sample(rng: np.random.Generator, lr: np.ndarray, qm: np.ndarray, hr: np.ndarray | None,
             sm: np.ndarray | None) -> tuple:
     """One of the 8 flips/rotations of the pixel grid, drawn from ``rng``, applied alike to
@@ -328,7 +333,7 @@ class ProbaVDataset(Dataset):
             size = s["lr"].shape[-1]
             for y in range(0, size - p + 1, p):
                 for x in range(0, size - p + 1, p):
-                    hsm = s["sm"][SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if s["sm"] is not None else None
+                    hsm = _hr_window(s["sm"], y, x, p)
                     if hsm is None or hsm.mean() >= self.min_clear:
                         out.append((i, y, x))
         if not out:
@@ -363,7 +368,7 @@ class ProbaVDataset(Dataset):
         p = self.patch_size
         for _ in range(50):
             y, x = rng.integers(0, size - p + 1, size=2)
-            hsm = sm[SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if sm is not None else None
+            hsm = _hr_window(sm, y, x, p)
             if hsm is None or self.min_clear <= 0 or hsm.mean() >= self.min_clear:
                 break
         return int(y), int(x)
@@ -386,8 +391,7 @@ class ProbaVDataset(Dataset):
             if self._grid is None:
                 y, x = self._random_patch(sm, lr.shape[-1], rng)
             lr, qm = lr[:, y:y + p, x:x + p], qm[:, y:y + p, x:x + p]
-            hr = hr[SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if hr is not None else None
-            sm = sm[SCALE * y:SCALE * (y + p), SCALE * x:SCALE * (x + p)] if sm is not None else None
+            hr, sm = _hr_window(hr, y, x, p), _hr_window(sm, y, x, p)
         if self.augment:
             lr, qm, hr, sm = augment_sample(rng, lr, qm, hr, sm)
         lr = lr.astype(np.float32) / 65535.0

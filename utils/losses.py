@@ -71,9 +71,9 @@ def qanet_released_loss(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tenso
         raise ValueError(f"cpsnr_original: expected (B,1,H,W) tensors, got {tuple(sr.shape)}")
     f64 = torch.float64
     d, m = (sr - hr).to(f64), hr_mask.to(f64)
-    nclear = m.sum((1, 2)) + 1  # (B, W): the +1 of the released code
-    bias = ((m * (hr.to(f64) - sr.to(f64))).sum((1, 2)) / nclear).detach().reshape(-1)  # (B*W,)
     s0, s1, s2 = m.sum((1, 2)), (m * d).sum((1, 2)), (m * d * d).sum((1, 2))
+    nclear = s0 + 1  # (B, W): the +1 of the released code
+    bias = (-s1 / nclear).detach().reshape(-1)  # (B*W,): mean of hr - sr over each column's clear pixels
     cmse = (bias.numel() * s2 + 2 * bias.sum() * s1 + (bias * bias).sum() * s0) / nclear  # (B, W)
     used = nclear > 1  # columns with a clear pixel; the others count as cMSE 1 (0 dB) in the sum
     psnr = -10.0 * torch.log10(torch.where(used, cmse, torch.ones_like(cmse)))
