@@ -2,7 +2,7 @@
 
     python bench.py metric [--device=cpu] [--scenes=16]      cPSNR/cSSIM speed vs a 49-offset loop
     python bench.py models [--device=cuda] [--amp=off,bf16] [--compile=off,on] [--graphs] [--impls=ours,ours-cl]
-                           [--qanet_ref=DIR] [--piunet_ref=DIR]  train samples/s and peak memory per model
+                           [--ref=MODEL=DIR ...]            train samples/s and peak memory per model
     python bench.py loader [--data_dir=...] [--workers=0,2]  decode cache and patch loader samples/s
     python bench.py valid [--device=cuda] [--batch=8]         full-scene validation scenes/s per model
 
@@ -45,15 +45,13 @@ def _sync(device: torch.device) -> None:
 
 
 def _timeit(fn, device, repeat=3) -> float:
+    """Seconds per call of ``fn``: the best of ``repeat`` timed calls after a warm-up call
+    (``torch.utils.benchmark.Timer`` synchronises CUDA around each)."""
+    from torch.utils.benchmark import Timer
     fn()
     _sync(device)
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+    timer = Timer(stmt="fn()", globals={"fn": fn})
+    return min(timer.timeit(1).mean for _ in range(repeat))
 
 
 def _reset_resident_peak() -> None:
@@ -109,40 +107,20 @@ def bench_metric(args) -> None:
     print(f"cssim  batched (float64): {t * 1e3:8.2f} ms/scene")
 
 
-AUTHORS_CONFIG = {"qanet": dict(batch=10, frames=9), "piunet": dict(batch=24, frames=9)}
-
-
-def _load_reference(name: str, path: str):
-    """The authors' model class from a local checkout of their repository (never shipped here):
-    QA-Net from ``<path>/net/qanet.py`` + ``utils/resize.py``; PIUnet from ``<path>/Code/piunet/model.py``."""
-    import importlib.util
-    import re
-    import sys
-    import types
-    from pathlib import Path
-    root = Path(path)
-    if name == "qanet":
-        resize = importlib.util.spec_from_file_location("resize", root / "utils" / "resize.py")
-        mod_r = importlib.util.module_from_spec(resize)
-        sys.modules["resize"] = mod_r  # torch.compile looks the helpers' module up by name
-        resize.loader.exec_module(mod_r)
-        # the resize helpers are put in the namespace below, whichever way the file imports them
-        src = re.sub(r"^from (utils\.)?resize import \*", "", (root / "net" / "qanet.py").read_text(), flags=re.M)
-        ns: dict = dict(vars(mod_r))
-        exec(compile(src, str(root / "net" / "qanet.py"), "exec"), ns)
-        cfg = dict(N_modules=12, N_resblocks=8, N_feats=36, reduction=16, N_heads=1, scale=3, N_lrs=9, rcab_bn=False)
-        return ns["QANet"](types.SimpleNamespace(**cfg))
-    spec = importlib.util.spec_from_file_location("piunet_ref", root / "Code" / "piunet" / "model.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["piunet_ref"] = mod
-    spec.loader.exec_module(mod)
-    return mod.PIUNET(types.SimpleNamespace(N_feat=42, R_bneck=8, N_tefa=16, N_heads=1))
+def authors_config(name: str) -> dict:
+    """The batch and frame count of a model's published training recipe (its authors' preset)."""
+    from config import PRESETS
+    from models import spec_of
+    preset = PRESETS[spec_of(name).preset]
+    return dict(batch=preset["batch_size"], frames=preset["n_frames"])
 
 
 def _train_step_fn(model, name: str, batch: int, frames: int, patch: int, device, amp: str, reference: bool,
                    graphs: bool = False):
     """One training step as train.py runs it (the authors' code: with the plain Adam it ships with)."""
+    from models import spec_of
     from utils.runtime import cuda_graphed, make_optimizer
+    spec = spec_of(name)
     lr = torch.rand(batch, frames, patch, patch, device=device)
     qm = (torch.rand(batch, frames, patch, patch, device=device) > 0.1).float()
     hr = torch.rand(batch, 1, 3 * patch, 3 * patch, device=device)
@@ -156,7 +134,7 @@ def _train_step_fn(model, name: str, batch: int, frames: int, patch: int, device
             self.net = model
 
         def forward(self, lr, qm):
-            return self.net(lr, qm) if name == "qanet" else self.net(lr)
+            return self.net(lr, qm) if spec.uses_masks else self.net(lr)
 
     core = Core()
     fwd = cuda_graphed(core, (lr, qm), amp) if graphs else core
@@ -165,7 +143,7 @@ def _train_step_fn(model, name: str, batch: int, frames: int, patch: int, device
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = fwd(lr, qm)
-            if name != "qanet":
+            if spec.uncertainty:  # (mean, log-scale): the log-scale joins the graph as in training
                 out = out[0] + 0 * out[1].mean()
         loss = (out.float() - hr).abs().mean()
         loss.backward()
@@ -176,7 +154,7 @@ def _train_step_fn(model, name: str, batch: int, frames: int, patch: int, device
 
 def bench_models(args) -> None:
     """Training samples/s and peak memory per model at the authors' configurations."""
-    from models import build_model, set_channels_last
+    from models import build_model, request_channels_last, spec_of
     from utils.runtime import release_freed_memory
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -187,12 +165,12 @@ def bench_models(args) -> None:
     print(f"{'model':8s} {'impl':8s} {'amp':5s} {'mode':7s} {'batch':>5s} {'samples/s':>10s} {'ms/step':>8s} "
           f"{'peak MiB':>9s} {'reserved':>9s}")
     for name in names:
-        cfg = AUTHORS_CONFIG[name]
+        cfg = authors_config(name)
         batch = args.batch or cfg["batch"]
-        ref_path = {"qanet": args.qanet_ref, "piunet": args.piunet_ref}[name]
+        ref_path = dict(r.split("=", 1) for r in args.ref).get(name, "")
         makers = {"ours": lambda name=name: build_model(name),
-                  "ours-cl": lambda name=name: set_channels_last(build_model(name)),
-                  "authors": lambda name=name, ref_path=ref_path: _load_reference(name, ref_path)}
+                  "ours-cl": lambda name=name: request_channels_last(build_model(name)),
+                  "authors": lambda name=name, ref_path=ref_path: spec_of(name).authors_network(ref_path)}
         wanted = args.impls.split(",") + (["authors"] if ref_path else [])
         unknown = set(wanted) - set(makers)
         if unknown:
@@ -313,6 +291,12 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
+def _authored() -> list[str]:
+    """The trainable models with a published training recipe (the default rows)."""
+    from models import MODELS
+    return [name for name, spec in MODELS.items() if spec.trainable and spec.preset]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -321,7 +305,7 @@ def main(argv=None) -> None:
     m.add_argument("--scenes", type=int, default=16)
     mo = sub.add_parser("models")
     mo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    mo.add_argument("--models", default="qanet,piunet")
+    mo.add_argument("--models", default=",".join(_authored()))
     mo.add_argument("--batch", type=int, default=0, help="0: the authors' batch (QA-Net 10, PIUnet 24)")
     mo.add_argument("--patch", type=int, default=32)
     mo.add_argument("--amp", default="off", help="comma list of off, bf16, fp16")
@@ -332,11 +316,11 @@ def main(argv=None) -> None:
                     help="also time our models with CUDA graphs (train.py --cuda_graphs)")
     mo.add_argument("--steps", type=int, default=5)
     mo.add_argument("--warmup", type=int, default=2)
-    mo.add_argument("--qanet_ref", default="", help="a local checkout of the authors' QA-Net, to time it too")
-    mo.add_argument("--piunet_ref", default="", help="a local checkout of the authors' PIUnet, to time it too")
+    mo.add_argument("--ref", action="append", default=[], metavar="MODEL=DIR",
+                    help="a local checkout of a model's authors' code, to time it too (repeatable)")
     va = sub.add_parser("valid")
     va.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    va.add_argument("--models", default="qanet,piunet")
+    va.add_argument("--models", default=",".join(_authored()))
     va.add_argument("--batch", type=int, default=4)
     va.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     lo = sub.add_parser("loader")

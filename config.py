@@ -13,84 +13,95 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import typing
 from dataclasses import dataclass, field
 
-__all__ = ["Config", "PRESETS", "parse_args", "ConfigError", "CHOICES"]
+from models import MODELS, model_kwargs
+from utils.losses import LOSSES as _LOSSES
+
+__all__ = ["Config", "PRESETS", "CommandLine", "parse_command", "parse_args", "ConfigError", "CHOICES", "LOSSES"]
 
 
 class ConfigError(ValueError):
     """An unknown key or a bad value on the command line or in a preset."""
 
 
+def opt(default, help: str):
+    """A config field with its default and the one-line help that ``--help`` prints."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Config:
     # --- what and where -----------------------------------------------------------------------
-    preset: str = "qanet"  # the preset these values started from (see PRESETS)
-    model: str = "qanet"  # qanet | piunet (| baseline for valid.py / predict.py)
-    model_args: dict = field(default_factory=dict)  # constructor arguments of the model (JSON on the CLI)
-    data_dir: str = "datasets/probav"  # a root in the Kelvin layout: train/, [val/], test/, norm.csv
-    synthetic: bool = False  # generate synthetic scenes into data_dir when it does not exist
-    band: str = "all"  # NIR | RED | all (one model for both bands)
-    split: str = "val"  # the split that validation (train.py) and valid.py score
-    out_dir: str = ""  # run folder; empty: results/<preset>-<band>-<timestamp> (valid/predict: next to the checkpoint)
-    checkpoint: str = ""  # train.py: initial weights (ours or the authors'); valid/predict: the model to use
-    resume: bool = False  # train.py: continue the run in out_dir from checkpoints/last.pt
-    seed: int = 0
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
-    amp: str = "off"  # off | bf16 | fp16 (CUDA; fp16 uses a gradient scaler)
-    compile: bool = False  # torch.compile the model for training
-    cuda_graphs: bool = False  # replay the training forward+backward as CUDA graphs (one CUDA process, no compile)
-    channels_last: bool = True  # NHWC features (models.set_channels_last): 1.1-1.3x faster training on CPU
+    preset: str = opt("qanet", "the preset these values started from (see PRESETS)")
+    model: str = opt("qanet", "the network (models.MODELS); an untrainable one (the ESA baseline) for valid/predict")
+    model_args: dict = opt({}, "constructor arguments of the model (JSON on the CLI)")
+    data_dir: str = opt("datasets/probav", "a root in the Kelvin layout: train/, [val/], test/, norm.csv")
+    synthetic: bool = opt(False, "generate synthetic scenes into data_dir when it does not exist")
+    band: str = opt("all", "NIR | RED | all (one model for both bands)")
+    split: str = opt("val", "the split that validation (train.py) and valid.py score")
+    out_dir: str = opt("", "run folder; empty: results/<preset>-<band>-<timestamp> (valid/predict: by the checkpoint)")
+    checkpoint: str = opt("", "train.py: initial weights (ours or the authors'); valid/predict: the model to use")
+    resume: bool = opt(False, "train.py: continue the run in out_dir from checkpoints/last.pt")
+    seed: int = opt(0, "seeds weights, patches, frame draws, sample order and the split carves")
+    device: str = opt("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    amp: str = opt("off", "off | bf16 | fp16 (CUDA; fp16 uses a gradient scaler)")
+    compile: bool = opt(False, "torch.compile the model for training")
+    cuda_graphs: bool = opt(False, "replay the training forward+backward as CUDA graphs (one CUDA process, no compile)")
+    channels_last: bool = opt(True, "NHWC features (models.request_channels_last): 1.1-1.3x faster training on CPU")
 
     # --- data --------------------------------------------------------------------------------
-    n_frames: int = 9  # frames per scene given to the model
-    train_selection: str = "weighted"  # clearest | weighted | coverage | all (data.select_frames)
-    val_selection: str = "coverage"
-    beta: float = 50.0  # temperature of the clearance-weighted sampling
-    patch_size: int = 32  # LR training patch side (HR patches are 3x)
-    min_clear: float = 0.25  # a training patch with a smaller HR clear fraction is redrawn (grid: left out)
-    patches: str = "random"  # random | grid: random crops, or the fixed grid of non-overlapping patches (PIUnet)
-    register: bool = False  # align frames and masks to the clearest frame once per scene (data.register_frames)
-    min_frame_clearance: float = 0.0  # select only frames clearer than this (PIUnet: 0.85); train scenes without
-    # one are dropped, val/test scenes fall back to their clearest frame
-    repeats: int = 1  # random patches drawn per scene per epoch
-    fill_clouds: bool = False  # replace cloudy LR pixels by the median of the clear frames (data.fill_clouds)
-    augment: bool = False  # random flips/90-degree rotations and frame order of training samples
-    num_workers: int = 2  # data-loader worker processes (0: load in the main process)
-    cache_dir: str = "results/cache"  # decoded scenes (.npz), rebuilt when a PNG changes
-    val_fraction: float = 0.1  # carve of val/ from train/ when the root has none
-    select_fraction: float = 0.0  # share of train/ scenes held out to choose best.pt (0: choose on `split`)
-    val_scenes: int = 0  # validate on the first N scenes per band only (0: all)
+    n_frames: int = opt(9, "frames per scene given to the model")
+    train_selection: str = opt("weighted", "clearest | weighted | coverage | all (data.select_frames)")
+    val_selection: str = opt("coverage", "frame selection of full scenes (validation, valid.py, predict.py)")
+    beta: float = opt(50.0, "temperature of the clearance-weighted sampling")
+    patch_size: int = opt(32, "LR training patch side (HR patches are 3x)")
+    min_clear: float = opt(0.25, "a training patch with a smaller HR clear fraction is redrawn (grid: left out)")
+    patches: str = opt("random", "random | grid: random crops, or the fixed grid of non-overlapping patches (PIUnet)")
+    register: bool = opt(False, "align frames and masks to the clearest frame once per scene (data.register_frames)")
+    min_frame_clearance: float = opt(0.0, "select only frames clearer than this (PIUnet: 0.85); train scenes "
+                                     "without one are dropped, val/test scenes fall back to their clearest frame")
+    repeats: int = opt(1, "random patches drawn per scene per epoch")
+    fill_clouds: bool = opt(False, "replace cloudy LR pixels by the median of the clear frames (data.fill_clouds)")
+    augment: bool = opt(False, "random flips/90-degree rotations and frame order of training samples")
+    num_workers: int = opt(2, "data-loader worker processes (0: load in the main process)")
+    cache_dir: str = opt("results/cache", "decoded scenes (.npz), rebuilt when a PNG changes")
+    val_fraction: float = opt(0.1, "carve of val/ from train/ when the root has none")
+    select_fraction: float = opt(0.0, "share of train/ scenes held out to choose best.pt (0: choose on `split`)")
+    val_scenes: int = opt(0, "validate on the first N scenes per band only (0: all)")
 
     # --- optimisation --------------------------------------------------------------------------
-    epochs: int = 520
-    max_steps: int = 0  # stop after this many optimizer steps (0: no limit)
-    max_minutes: float = 0.0  # stop training after this many minutes, then validate and save (0: no limit)
-    batch_size: int = 10  # per process
-    accum_steps: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    lr_milestones: tuple = (120, 220, 300, 360, 400, 440, 480)
-    lr_gamma: float = 0.8
-    lr_unit: str = "epoch"  # epoch | step: what lr_milestones count
-    grad_clip: float = 15.0  # max gradient norm (0: off)
-    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
-    loss: str = "cpsnr"  # cpsnr | cpsnr_shift | cpsnr_original | l1_reg | l1u_reg | l1u_reg_original (utils.losses)
-    warmup_loss: str = ""  # a loss used for the first warmup_epochs epochs (PIUnet: l1_reg)
-    warmup_epochs: int = 0
+    epochs: int = opt(520, "training epochs")
+    max_steps: int = opt(0, "stop after this many optimizer steps (0: no limit)")
+    max_minutes: float = opt(0.0, "stop training after this many minutes, then validate and save (0: no limit)")
+    batch_size: int = opt(10, "per process")
+    accum_steps: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(1e-4, "Adam learning rate")
+    weight_decay: float = opt(1e-5, "Adam weight decay")
+    lr_milestones: tuple = opt((120, 220, 300, 360, 400, 440, 480), "where the learning rate is multiplied by lr_gamma")
+    lr_gamma: float = opt(0.8, "factor of each learning-rate drop")
+    lr_unit: str = opt("epoch", "epoch | step: what lr_milestones count")
+    grad_clip: float = opt(15.0, "max gradient norm (0: off)")
+    ema: float = opt(0.0, "decay of an exponential moving average of the weights, validated and saved (0: off)")
+    loss: str = opt("cpsnr", "the training loss (utils.losses.LOSSES)")
+    warmup_loss: str = opt("", "a loss used for the first warmup_epochs epochs (PIUnet: l1_reg)")
+    warmup_epochs: int = opt(0, "epochs trained with warmup_loss")
 
     # --- logging and evaluation --------------------------------------------------------------------
-    val_every: int = 5  # epochs between validations (and best.pt updates)
-    log_every: int = 10  # optimizer steps between TensorBoard scalars
-    n_images: int = 3  # validation scenes shown as comparison panels
-    val_batch_size: int = 4  # full scenes per forward pass at validation
-    ensemble: bool = False  # valid/predict: average over flips, rotations and frame orders
-    save_png: bool = False  # valid.py: write SR images as 16-bit PNGs
-    checkpoint_nir: str = ""  # predict.py: one checkpoint per band
-    checkpoint_red: str = ""
-    export_uncertainty: bool = False  # predict.py: also write PIUnet's uncertainty maps
-    force: bool = False  # predict.py: replace an existing submission.zip
+    val_every: int = opt(5, "epochs between validations (and best.pt updates)")
+    log_every: int = opt(10, "optimizer steps between TensorBoard scalars")
+    n_images: int = opt(3, "validation scenes shown as comparison panels")
+    val_batch_size: int = opt(4, "full scenes per forward pass at validation")
+    ensemble: bool = opt(False, "valid/predict: average over flips, rotations and frame orders")
+    save_png: bool = opt(False, "valid.py: write SR images as 16-bit PNGs")
+    checkpoint_nir: str = opt("", "predict.py: the NIR band's checkpoint (one checkpoint per band)")
+    checkpoint_red: str = opt("", "predict.py: the RED band's checkpoint")
+    export_uncertainty: bool = opt(False, "predict.py: also write PIUnet's uncertainty maps")
+    force: bool = opt(False, "predict.py: replace an existing submission.zip")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -110,17 +121,17 @@ class Config:
         return dataclasses.replace(self, **kw)
 
 
-LOSSES = ("cpsnr", "cpsnr_shift", "cpsnr_original", "l1_reg", "l1u_reg", "l1u_reg_original")  # utils.losses
+LOSSES = _LOSSES  # utils.losses: the one table of losses
 CHOICES = {
-    "model": ("qanet", "piunet", "baseline"),
+    "model": tuple(MODELS),
     "band": ("NIR", "RED", "all"),
     "split": ("train", "select", "val", "test"),
     "amp": ("off", "bf16", "fp16"),
     "train_selection": ("clearest", "weighted", "coverage", "all"),
     "val_selection": ("clearest", "weighted", "coverage", "all"),
     "lr_unit": ("epoch", "step"),
-    "loss": LOSSES,
-    "warmup_loss": ("",) + LOSSES,
+    "loss": tuple(LOSSES),
+    "warmup_loss": ("",) + tuple(LOSSES),
     "patches": ("random", "grid"),
 }
 
@@ -217,20 +228,35 @@ def _check(cfg: Config) -> Config:
         raise ConfigError("cuda_graphs=true and compile=true: choose one (compile has its own graph mode)")
     if cfg.cuda_graphs and cfg.device == "cpu":
         raise ConfigError("cuda_graphs=true needs a CUDA device; use --device=cuda or --cuda_graphs=false")
+    try:  # one source of truth for the frame count, checked before any data loads
+        model_kwargs(cfg.model, cfg.model_args, cfg.n_frames)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 
-def parse_args(argv: list[str] | None = None, base: Config | None = None) -> Config:
-    """A :class:`Config` from ``--preset=NAME`` and ``--key=value`` arguments.
+@dataclass(frozen=True)
+class CommandLine:
+    """A parsed command line: the resolved config, and what the command line itself said.
 
-    Args:
-        argv: the arguments (``sys.argv[1:]`` when None).
-        base: the config to start from (default: the ``qanet`` preset).
+    ``explicit`` holds the keys given on the command line (``preset`` included when given);
+    ``overrides`` their parsed values in order, ``preset`` left out. :meth:`onto` applies the same
+    overrides to another config, e.g. the one a checkpoint was trained with.
     """
-    import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    types = _field_types()
+    config: Config
+    explicit: frozenset
+    overrides: tuple
+
+    def onto(self, base: Config, **forced) -> Config:
+        """``base`` changed where this command line says so (``--preset`` ignored: ``base`` already
+        is a complete config), then ``forced`` on top; checked like :func:`parse_args`."""
+        return _check(base.replace(**dict(self.overrides)).replace(**forced))
+
+
+def _split_pairs(argv: list[str], types: dict) -> list[tuple[str, str | None]]:
+    """``[(key, raw value or None for a bare flag)]`` of ``--key=value`` arguments; ``--help`` prints
+    the options and exits."""
     pairs: list[tuple[str, str | None]] = []
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -245,24 +271,46 @@ def parse_args(argv: list[str] | None = None, base: Config | None = None) -> Con
         if not eq and types[key] is not bool:
             raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
         pairs.append((key, raw if eq else None))
-    preset = base.preset if base is not None else "qanet"
+    return pairs
+
+
+def parse_command(argv: list[str] | None = None, base: Config | None = None) -> CommandLine:
+    """Parse ``--preset=NAME`` and ``--key=value`` arguments (``sys.argv[1:]`` when None).
+
+    ``--preset`` is applied first (default: ``base``'s preset, else the default preset), then the overrides in
+    order. ``base``, when its preset is the one asked for, is the config the overrides apply to.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    types = _field_types()
+    pairs = _split_pairs(argv, types)
+    preset = base.preset if base is not None else Config().preset
     for key, raw in pairs:
         if key == "preset":
             preset = raw or ""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     cfg = base if base is not None and base.preset == preset else Config(preset=preset).replace(**PRESETS[preset])
-    updates = {}
-    for key, raw in pairs:
-        if key != "preset":
-            updates[key] = True if raw is None else _parse_value(key, raw, types[key])
-    return _check(cfg.replace(**updates))
+    overrides = tuple((key, True if raw is None else _parse_value(key, raw, types[key]))
+                      for key, raw in pairs if key != "preset")
+    return CommandLine(_check(cfg.replace(**dict(overrides))), frozenset(k for k, _ in pairs), overrides)
+
+
+def parse_args(argv: list[str] | None = None, base: Config | None = None) -> Config:
+    """A :class:`Config` from ``--preset=NAME`` and ``--key=value`` arguments (see :func:`parse_command`,
+    which also says which keys the command line set).
+
+    Args:
+        argv: the arguments (``sys.argv[1:]`` when None).
+        base: the config to start from (default: the ``qanet`` preset).
+    """
+    return parse_command(argv, base).config
 
 
 def help_text() -> str:
+    """Every option with its default, choices and help (the field's metadata)."""
     lines = ["Options (--key=value); presets: " + ", ".join(PRESETS)]
     defaults = Config()
     for f in dataclasses.fields(Config):
-        lines.append(f"  --{f.name}={getattr(defaults, f.name)!r}" +
-                     (f"  ({' | '.join(map(str, CHOICES[f.name]))})" if f.name in CHOICES else ""))
+        choices = f"  ({' | '.join(map(str, CHOICES[f.name]))})" if f.name in CHOICES else ""
+        lines.append(f"  --{f.name}={getattr(defaults, f.name)!r}{choices}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)

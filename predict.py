@@ -12,19 +12,21 @@ PIUnet's per-pixel Laplace scale (``exp(log_scale)``, [0,1] units) as ``uncertai
 from __future__ import annotations
 
 import io
-import os
 import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from config import ConfigError
-from data import BANDS, DataError
+from config import CommandLine, Config, ConfigError, parse_command
+from data import BANDS, DataError, build_dataset
+from models import spec_of
 from utils.checkpoint import CheckpointError, load_for_eval
-from utils.evaluate import eval_scenes, iterate, to_uint16
-from utils.runtime import resolve_device
+from utils.evaluate import iterate, to_uint16
+from utils.files import atomic_path
+from utils.runtime import open_device
 
 EXPECTED_SCENES = 290  # test scenes of the Kelvin competition (NIR and RED)
 
@@ -45,42 +47,35 @@ def verify_zip(path: Path, expected: dict[str, tuple[int, int]]) -> None:
                 raise RuntimeError(f"{path}:{name} is {arr.dtype} {arr.shape}, expected uint16 {shape}")
 
 
-def main(argv: list[str] | None = None) -> Path:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    plain = [a for a in argv if not a.startswith(("--checkpoint_nir", "--checkpoint_red"))]
-    per_band = {a.partition("=")[0][len("--checkpoint_"):].upper(): a.partition("=")[2]
-                for a in argv if a.startswith(("--checkpoint_nir=", "--checkpoint_red="))}
-    # one (config, model, out) per band: a shared checkpoint/baseline, or one checkpoint per band
+def band_setups(command: CommandLine) -> dict[str, tuple[Config, torch.nn.Module, Path]]:
+    """``{band: (config, model, output folder)}``: one shared checkpoint (or a model without
+    weights), or one checkpoint per band (``--checkpoint_nir`` / ``--checkpoint_red``)."""
+    cfg = command.config
+    per_band = {"NIR": cfg.checkpoint_nir, "RED": cfg.checkpoint_red}
+    untrained = "model" in command.explicit and not spec_of(cfg.model).trainable
     setups = {}
     for band in BANDS:
-        if band in per_band:
-            extra = [a for a in plain if not a.startswith("--checkpoint=")] + [f"--checkpoint={per_band[band]}"]
-            setups[band] = load_for_eval(extra, "predict")
-        elif any(a.startswith("--checkpoint=") for a in plain) or "--model=baseline" in plain:
-            setups[band] = load_for_eval(plain, "predict")
+        if per_band[band]:
+            setups[band] = load_for_eval(command, "predict", checkpoint=per_band[band])
+        elif cfg.checkpoint or untrained:
+            setups[band] = load_for_eval(command, "predict")
     if not setups:
         raise ConfigError("say what to run: --checkpoint=PATH, --checkpoint_nir=PATH/--checkpoint_red=PATH, "
-                          "or --model=baseline")
-    wanted = {b for cfg, _, _ in setups.values() for b in (BANDS if cfg.band == "all" else (cfg.band,))}
-    bands = [b for b in BANDS if b in setups and b in wanted]
-    if not bands:
-        raise ConfigError("no band left to predict: check --band against the checkpoints given")
-    out = next(iter(setups.values()))[2]
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "submission.zip"
-    force = any(cfg.force for cfg, _, _ in setups.values())
-    if target.exists() and not force:
-        raise ConfigError(f"{target} exists; pass --force to replace it (or choose another --out_dir)")
+                          "or a model without weights (e.g. the ESA baseline: --model=NAME)")
+    return setups
 
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+
+def write_zip(target: Path, setups: dict, bands: list[str], out: Path) -> dict[str, tuple[int, int]]:
+    """Super-resolve the test scenes of ``bands`` into ``target`` (written whole or not at all) and
+    check every entry; returns ``{scene: image shape}``."""
     expected: dict[str, tuple[int, int]] = {}
-    try:
+    with atomic_path(target) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:  # PNGs are compressed already
             for band in bands:
                 cfg, model, _ = setups[band]
-                device = resolve_device(cfg.device)
+                device = open_device(cfg.device)
                 model = model.to(device)
-                ds = eval_scenes(cfg, "test", band)
+                ds = build_dataset(cfg, "test", band)
                 for batch, result in iterate(model, ds, device, cfg.amp, cfg.val_batch_size, cfg.ensemble,
                                              desc=f"predicting {band}"):
                     for i, name in enumerate(batch["name"]):
@@ -94,10 +89,23 @@ def main(argv: list[str] | None = None) -> Path:
                             np.save(out / "uncertainty" / f"{name}.npy",
                                     np.exp(result["log_scale"][i, 0].float().cpu().numpy()))
         verify_zip(tmp, expected)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return expected
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Write the submission as the command line (``sys.argv[1:]`` when None) says; returns the zip."""
+    setups = band_setups(parse_command(argv))
+    wanted = {b for cfg, _, _ in setups.values() for b in (BANDS if cfg.band == "all" else (cfg.band,))}
+    bands = [b for b in BANDS if b in setups and b in wanted]
+    if not bands:
+        raise ConfigError("no band left to predict: check --band against the checkpoints given")
+    out = next(iter(setups.values()))[2]
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "submission.zip"
+    force = any(cfg.force for cfg, _, _ in setups.values())
+    if target.exists() and not force:
+        raise ConfigError(f"{target} exists; pass --force to replace it (or choose another --out_dir)")
+    expected = write_zip(target, setups, bands, out)
     print(f"wrote {target}: {len(expected)} scenes ({', '.join(bands)}), every entry read back and checked")
     if len(expected) != EXPECTED_SCENES:
         print(f"note: the Kelvin competition expects {EXPECTED_SCENES} test images; this test split has "

@@ -1,12 +1,13 @@
-"""Train QA-Net or PIUnet on PROBA-V scenes.
+"""Train a registered model (QA-Net, PIUnet, ...) on PROBA-V scenes.
 
     python train.py --preset=demo                       # synthetic scenes, CPU, minutes
     python train.py --preset=qanet --data_dir=/data/probav --band=NIR
     torchrun --nproc_per_node=4 train.py --preset=piunet --data_dir=/data/probav
 
-Writes a run folder (``out_dir``): ``config.json``, ``checkpoints/last.pt`` and ``best.pt`` (best
-validation Kelvin score), TensorBoard events and ``images/`` (comparison panels). ``--resume``
-continues the run in ``out_dir`` exactly where ``last.pt`` left it. Options: ``config.py``.
+Writes a run folder (``out_dir``): ``config.json``, ``checkpoints/last.pt`` and ``best.pt`` (the best
+score of the scenes that choose: the selection split, else the validation split; see
+``utils.keeper``), TensorBoard events and ``images/`` (comparison panels). ``--resume`` continues
+the run in ``out_dir`` exactly where ``last.pt`` left it. Options: ``config.py``.
 """
 from __future__ import annotations
 
@@ -18,12 +19,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from config import Config, ConfigError, parse_args
-from data import DataError, ProbaVDataset, read_norm
+from config import CommandLine, Config, ConfigError, parse_command
+from data import DataError, ProbaVDataset, build_dataset, read_norm
+from models import spec_of
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.evaluate import eval_scenes
+from utils.keeper import CheckpointKeeper
 from utils.runtime import Dist, init_distributed, seed_everything
 from utils.trainer import Trainer, TrainingDiverged, describe
+
+INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
 
 
 def prepare_data_dir(cfg: Config, dist: Dist) -> None:
@@ -40,19 +44,14 @@ def prepare_data_dir(cfg: Config, dist: Dist) -> None:
 def datasets(cfg: Config, progress: bool) -> tuple[ProbaVDataset, ProbaVDataset, ProbaVDataset | None]:
     """Training patches, the full validation scenes, and the full scenes that choose ``best.pt``
     (None: the validation scenes choose)."""
-    train = ProbaVDataset(cfg.data_dir, "train", bands=cfg.band, n_frames=cfg.n_frames, selection=cfg.train_selection,
-                          patch_size=cfg.patch_size, min_clear=cfg.min_clear, beta=cfg.beta, seed=cfg.seed,
-                          cache_dir=cfg.cache_dir or None, val_fraction=cfg.val_fraction, progress=progress,
-                          repeats=cfg.repeats, fill_clouds=cfg.fill_clouds, register=cfg.register,
-                          min_frame_clearance=cfg.min_frame_clearance, patches=cfg.patches, augment=cfg.augment,
-                          select_fraction=cfg.select_fraction)
-    select = eval_scenes(cfg, "select", cfg.band, progress) if cfg.select_fraction > 0 else None
-    return train, eval_scenes(cfg, cfg.split, cfg.band, progress), select
+    train = build_dataset(cfg, "train", training=True, progress=progress)
+    select = build_dataset(cfg, "select", progress=progress) if cfg.select_fraction > 0 else None
+    return train, build_dataset(cfg, cfg.split, progress=progress), select
 
 
-def resolve_config(argv: list[str]) -> tuple[Config, dict | None]:
+def resolve_config(command: CommandLine) -> tuple[Config, dict | None]:
     """The run's config and, with ``--resume``, the checkpoint to continue from."""
-    cfg = parse_args(argv)
+    cfg = command.config
     if not cfg.resume:
         if not cfg.out_dir:
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -66,56 +65,74 @@ def resolve_config(argv: list[str]) -> tuple[Config, dict | None]:
     ckpt = load_checkpoint(Path(cfg.out_dir) / "checkpoints" / "last.pt")
     base = Config.from_dict(ckpt["config"])
     # the run's own config, changed only where the command line says so (e.g. more epochs)
-    overrides = [a for a in argv if not a.startswith("--preset")]
-    cfg = parse_args(overrides, base=base).replace(resume=True, out_dir=cfg.out_dir)
+    cfg = command.onto(base, resume=True, out_dir=cfg.out_dir)
     if cfg.model != base.model or cfg.model_args != base.model_args:
         raise ConfigError("--resume cannot change the model; start a new run with --checkpoint instead")
     return cfg, ckpt
 
 
 def main(argv: list[str] | None = None) -> Path:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, ckpt = resolve_config(argv)
-    if cfg.model == "baseline":
-        raise ConfigError("the ESA baseline has nothing to train; score it with python valid.py --model=baseline")
+    """Train as the command line (``sys.argv[1:]`` when None) says; returns the run folder. A run
+    stopped by Ctrl-C saves ``last.pt`` and ends the process with status 130."""
+    cfg, ckpt = resolve_config(parse_command(argv))
+    if not spec_of(cfg.model).trainable:
+        raise ConfigError(f"{cfg.model} has nothing to train; score it with python valid.py --model={cfg.model}")
     dist, device = init_distributed(cfg.device)
     try:
-        return _train(cfg, ckpt, dist, device)
+        run, keeper = _train(cfg, ckpt, dist, device)
     finally:
         if dist.enabled:
             torch.distributed.destroy_process_group()
+    if keeper.interrupted:
+        raise SystemExit(INTERRUPTED)
+    return run
 
 
-def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> Path:
+def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> tuple[Path, CheckpointKeeper]:
     """The method: train epoch by epoch, validate every ``val_every`` epochs (keeping ``best.pt``),
-    save ``last.pt`` after every epoch; a run stopped by ``max_steps`` is scored where it stopped."""
+    save ``last.pt`` after every epoch; a run stopped by its budget is scored where it stopped, one
+    stopped by Ctrl-C only saved."""
     seed_everything(cfg.seed)
     prepare_data_dir(cfg, dist)
     train_ds, val_ds, select_ds = datasets(cfg, progress=dist.main)
     norm_file = Path(cfg.data_dir) / "norm.csv"
     norm = read_norm(norm_file) if norm_file.exists() else {}
     trainer = Trainer(cfg, dist, device, ckpt)
+    keeper = CheckpointKeeper(trainer.run, cfg.max_steps, cfg.max_minutes, main=dist.main)
     writer = open_run(trainer, train_ds, val_ds)
     p, summary = trainer.progress, None
+
+    def validate_and_keep() -> dict:
+        summary, chooser = trainer.validate(val_ds, norm, writer, select_ds)
+        keeper.consider(chooser, trainer)
+        return summary
+
     try:
-        with trainer.catch_interrupt():
-            while p.epoch < cfg.epochs and not trainer.out_of_budget():
-                if not trainer.train_epoch(train_ds, writer):
-                    break  # max_steps or max_minutes reached mid-epoch
+        with keeper.catch_interrupt():
+            while p.epoch < cfg.epochs and not keeper.should_stop(p.step):
+                if not trainer.train_epoch(train_ds, writer, keeper):
+                    break  # stopped mid-epoch: Ctrl-C, max_steps or max_minutes
                 if p.epoch % cfg.val_every == 0 or p.epoch == cfg.epochs:
-                    summary = trainer.validate_and_keep(val_ds, norm, writer, select_ds)
+                    summary = validate_and_keep()
                     if dist.main:
                         tqdm.write(f"epoch {p.epoch}: {describe(summary)}")
-                trainer.save("last.pt")
-            if p.step_in_epoch or summary is None:  # stopped early: score what we have
-                summary = trainer.validate_and_keep(val_ds, norm, writer, select_ds)
-                trainer.save("last.pt")
+                keeper.save_last(trainer)
+            if keeper.interrupted:
+                keeper.save_last(trainer)
+                if dist.main:
+                    print(f"\ninterrupted: saved {keeper.last} (epoch {p.epoch + 1}, step {p.step}); "
+                          f"continue with: python train.py --out_dir={trainer.run} --resume")
+                return trainer.run, keeper
+            if p.step_in_epoch or summary is None:  # stopped early: save, then score what we have
+                keeper.save_last(trainer)
+                summary = validate_and_keep()
+                keeper.save_last(trainer)
     finally:
         if writer is not None:
             writer.close()
     if dist.main:
         report(trainer.run, summary)
-    return trainer.run
+    return trainer.run, keeper
 
 
 def open_run(trainer: Trainer, train_ds: ProbaVDataset, val_ds: ProbaVDataset):
@@ -141,6 +158,7 @@ def report(run: Path, summary: dict) -> None:
     print(f"\nfinished: {describe(summary)}\ncheckpoint: {best_file}\nnext:\n"
           f"  python valid.py --checkpoint={best_file}\n"
           f"  python predict.py --checkpoint={best_file}")
+
 
 if __name__ == "__main__":
     try:

@@ -13,22 +13,22 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
-from config import ConfigError
-from data import DataError, read_norm, write_png
+from config import ConfigError, parse_command
+from data import DataError, build_dataset, read_norm, write_png
+from models import spec_of
 from utils.checkpoint import CheckpointError, load_for_eval
-from utils.evaluate import eval_scenes, evaluate, summarize, to_uint16
-from utils.runtime import resolve_device
+from utils.evaluate import evaluate, summarize, to_uint16
+from utils.files import atomic_path
+from utils.runtime import open_device
 
 HEADER = ["scene", "band", "cpsnr", "cssim", "norm", "score"]
 
 
 def write_csv(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(HEADER)
         for r in records:
@@ -37,17 +37,17 @@ def write_csv(path: Path, records: list[dict]) -> None:
             else:
                 w.writerow([r["scene"], r["band"], f"{r['cpsnr']:.6f}", f"{r['cssim']:.6f}", f"{r['norm']:.6f}",
                             f"{r['score']:.6f}"])
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, model, out = load_for_eval(argv, cfg_split(argv))
-    device = resolve_device(cfg.device)
-    model = model.to(device)
+    """Score as the command line (``sys.argv[1:]`` when None) says; returns the summary."""
+    command = parse_command(argv)
+    cfg, model, out = load_for_eval(command, command.config.split)
     if cfg.split == "test":
         raise ConfigError("the test split has no HR images to score; use predict.py")
-    ds = eval_scenes(cfg, cfg.split, cfg.band)
+    device = open_device(cfg.device)
+    model = model.to(device)
+    ds = build_dataset(cfg, cfg.split)
     norm_file = Path(cfg.data_dir) / "norm.csv"
     norm = read_norm(norm_file) if norm_file.exists() else {}
     out.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(records)
     write_csv(out / "per_scene.csv", records)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    what = f"checkpoint {cfg.checkpoint}" if cfg.checkpoint and cfg.model != "baseline" else "ESA baseline"
+    what = f"checkpoint {cfg.checkpoint}" if spec_of(model).trainable else spec_of(model).title
     print(f"{what} on {cfg.data_dir} ({cfg.split}{', self-ensemble' if cfg.ensemble else ''}):")
     for band, s in summary.items():
         print(f"  {band:>4}: cPSNR {s['cpsnr']:.4f} dB  cSSIM {s['cssim']:.5f}  score {s['score']:.5f}  "
@@ -72,13 +72,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"Kelvin score: {summary['all']['score']:.5f} (lower is better; the ESA baseline scores 1)\n"
           f"per-scene results: {out / 'per_scene.csv'}")
     return summary
-
-
-def cfg_split(argv: list[str]) -> str:
-    for a in argv:
-        if a.startswith("--split="):
-            return a.partition("=")[2]
-    return "val"
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from utils.files import atomic_path
+
 from .io import BANDS, SCALE, DataError, DatasetNotFoundError, list_scenes, read_scene
 from .registration import REGISTRATION_VERSION, register_frames
 
@@ -124,14 +126,12 @@ def load_scene_cached(path: Path, cache_dir: Path | None, register: bool = False
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache entry is rebuilt below
     scene = _decode(path, register)
-    cfile.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cfile.with_suffix(f".tmp{os.getpid()}.npz")
     empty = np.zeros((0,), np.uint8)
     extra = {"shifts": scene["shifts"]} if register else {}
-    np.savez(tmp, signature=sig, lr=scene["lr"], qm=scene["qm"], clearance=scene["clearance"],
-             hr=scene["hr"] if scene["hr"] is not None else empty, has_hr=scene["hr"] is not None,
-             sm=scene["sm"] if scene["sm"] is not None else empty, has_sm=scene["sm"] is not None, **extra)
-    os.replace(tmp, cfile)  # atomic: a concurrent reader sees the old entry or the new one
+    with atomic_path(cfile) as tmp:  # a concurrent reader sees the old entry or the new one
+        np.savez(tmp, signature=sig, lr=scene["lr"], qm=scene["qm"], clearance=scene["clearance"],
+                 hr=scene["hr"] if scene["hr"] is not None else empty, has_hr=scene["hr"] is not None,
+                 sm=scene["sm"] if scene["sm"] is not None else empty, has_sm=scene["sm"] is not None, **extra)
     return scene
 
 
@@ -259,7 +259,8 @@ class ProbaVDataset(Dataset):
         seed: base seed; sample ``i`` of epoch ``e`` draws from ``(seed, e, i)`` so a run is
             reproducible whatever the worker count (set the epoch with :meth:`set_epoch`).
         cache_dir: on-disk decode cache (None: decode PNGs on every construction).
-        val_fraction, val_seed: the carve of ``val`` from ``train`` when the root has no ``val/``.
+        val_fraction: the carve of ``val`` from ``train`` when the root has no ``val/`` (seeded with
+            :data:`VAL_SEED`, the same on every machine).
         select_fraction: the carve of ``select`` (checkpoint selection) from ``train`` (see
             :func:`split_scenes`); ``train`` then leaves those scenes out.
         progress: show a tqdm bar while scenes load.
@@ -285,7 +286,7 @@ class ProbaVDataset(Dataset):
                  n_frames: int = 9, selection: str = "clearest", patch_size: int | None = None,
                  min_clear: float = 0.0, beta: float = 50.0, seed: int = 0,
                  cache_dir: str | os.PathLike | None = None, val_fraction: float = VAL_FRACTION,
-                 val_seed: int = VAL_SEED, progress: bool = True, repeats: int = 1, fill_clouds: bool = False,
+                 progress: bool = True, repeats: int = 1, fill_clouds: bool = False,
                  register: bool = False, min_frame_clearance: float = 0.0, patches: str = "random",
                  augment: bool = False, select_fraction: float = 0.0):
         root = Path(root)
@@ -304,7 +305,7 @@ class ProbaVDataset(Dataset):
             raise ValueError(f"patches must be 'random' or 'grid', got {patches!r}")
         self.repeats, self.fill_clouds, self.min_frame_clearance = repeats, fill_clouds, min_frame_clearance
         self.augment = augment
-        paths = [p for b in bands for p in split_scenes(root, split, b, val_fraction, val_seed, select_fraction)]
+        paths = [p for b in bands for p in split_scenes(root, split, b, val_fraction, VAL_SEED, select_fraction)]
         if not paths:
             raise DatasetNotFoundError(f"{root}: no scene in split {split!r} for bands {bands}")
         cache = Path(cache_dir) if cache_dir is not None else None
@@ -322,7 +323,7 @@ class ProbaVDataset(Dataset):
             if not self.scenes:
                 raise DataError(f"{root}: no {split} scene has a frame with more than "
                                 f"{min_frame_clearance:.0%} clear pixels (min_frame_clearance)")
-        self.names = [s["name"] for s in self.scenes]
+        self.keys = [(s["band"], s["name"]) for s in self.scenes]  # (band, name) of every scene, in order
         self._fixed_frames: dict[int, np.ndarray] = {}
         self._grid = self._grid_patches() if patches == "grid" and patch_size is not None else None
 

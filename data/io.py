@@ -6,7 +6,7 @@ A dataset root looks like::
     root/{train,val,test}/{NIR,RED}/imgsetNNNN/
         LR000.png ... LRnnn.png            # 128x128, 16-bit
         QM000.png ... QMnnn.png            # 128x128, 1-bit, 1 = clear
-        HR.png, SM.png                     # 384x384, 16-bit / 1-bit (SM only for test scenes)
+        HR.png, SM.png                     # 384x384, 16-bit / 1-bit (test scenes: SM.png only)
 
 ``val/`` is optional: without it the validation split is carved from ``train/``
 (see :mod:`data.dataset`). Every error names the file at fault.
@@ -21,10 +21,9 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["DataError", "DatasetNotFoundError", "read_scene", "read_png", "write_png", "read_norm",
-           "list_scenes", "BANDS", "SPLITS", "LR_SIZE", "HR_SIZE", "SCALE"]
+           "list_scenes", "BANDS", "LR_SIZE", "HR_SIZE", "SCALE"]
 
 BANDS = ("NIR", "RED")
-SPLITS = ("train", "val", "test")
 LR_SIZE, HR_SIZE, SCALE = 128, 384, 3
 
 _GET_DATA = (

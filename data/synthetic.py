@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from .io import BANDS, HR_SIZE, LR_SIZE, SCALE, write_png
 
@@ -32,11 +33,7 @@ _MARGIN = 12  # HR pixels of context around the scene, so shifted frames never w
 
 def _smooth_noise(rng: np.random.Generator, n: int, scale: float) -> np.ndarray:
     """``(n,n)`` zero-mean, unit-std noise low-passed with a Gaussian of ``scale`` pixels."""
-    f = np.fft.rfft2(rng.standard_normal((n, n)))
-    ky = np.fft.fftfreq(n)[:, None]
-    kx = np.fft.rfftfreq(n)[None, :]
-    f *= np.exp(-2 * (np.pi * scale) ** 2 * (kx ** 2 + ky ** 2))
-    out = np.fft.irfft2(f, s=(n, n))
+    out = _blur(rng.standard_normal((n, n)), scale)
     return (out - out.mean()) / (out.std() + 1e-12)
 
 
@@ -56,17 +53,12 @@ def _ground_truth(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def _shift(img: np.ndarray, dy: float, dx: float) -> np.ndarray:
     """Sub-pixel translation by the Fourier shift theorem (periodic; the margin hides the wrap)."""
-    n = img.shape[0]
-    ky = np.fft.fftfreq(n)[:, None]
-    kx = np.fft.rfftfreq(n)[None, :]
-    return np.fft.irfft2(np.fft.rfft2(img) * np.exp(-2j * np.pi * (ky * dy + kx * dx)), s=img.shape)
+    return np.fft.irfft2(ndimage.fourier_shift(np.fft.rfft2(img), (dy, dx), n=img.shape[1]), s=img.shape)
 
 
 def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    n = img.shape[0]
-    ky = np.fft.fftfreq(n)[:, None]
-    kx = np.fft.rfftfreq(n)[None, :]
-    return np.fft.irfft2(np.fft.rfft2(img) * np.exp(-2 * (np.pi * sigma) ** 2 * (kx ** 2 + ky ** 2)), s=img.shape)
+    """Gaussian blur of ``sigma`` pixels, in the Fourier domain (periodic)."""
+    return np.fft.irfft2(ndimage.fourier_gaussian(np.fft.rfft2(img), sigma, n=img.shape[1]), s=img.shape)
 
 
 def _clouds(rng: np.random.Generator, n: int, cover: float) -> np.ndarray:

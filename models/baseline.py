@@ -80,7 +80,6 @@ class ESABaseline(torch.nn.Module):
     (repeated) frames do not change the result: a repeat of a clearest frame keeps the mean.
     """
 
-    registry_name = "baseline"
     has_uncertainty = False
 
     def __init__(self, scale: int = 3):

@@ -5,7 +5,7 @@ Both networks work on a stack of frames per scene. The authors keep features as 
 reshapes. Here features stay ``(B*T, C, H, W)`` throughout: a ``1x3x3`` 3-D convolution is then a
 plain 2-D convolution, a BatchNorm3d over channels is a BatchNorm2d, and only the attention over
 the frame axis needs a transposed copy. Every block also works on channels-last tensors
-(:func:`set_channels_last`), without extra copies. Parameter names and shapes are those of the authors'
+(:func:`request_channels_last`), without extra copies. Parameter names and shapes are those of the authors'
 modules, so their checkpoints load unchanged.
 """
 from __future__ import annotations
@@ -20,9 +20,11 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def set_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Run QA-Net or PIUnet with channels-last features (NHWC), the layout that oneDNN (CPU) and
-    tensor cores (CUDA) convolve fastest. The same numerics up to float rounding; returns ``model``."""
+def request_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Ask QA-Net or PIUnet to lay out its features channels-last (NHWC), the layout that oneDNN
+    (CPU) and tensor cores (CUDA) convolve fastest. Only sets the flag ``model.memory_format`` that
+    the forward reads: the weights stay as they are and nothing is copied now. The same numerics up
+    to float rounding; returns ``model``."""
     model.memory_format = torch.channels_last if enabled else torch.contiguous_format
     return model
 
@@ -136,4 +138,4 @@ class FrameBatchNorm(nn.BatchNorm2d):
         return super().forward(x.view(bt // t, t, c * h, w)).view(bt, c, h, w)
 
 
-__all__ = ["FrameConv", "FrameAttention", "FrameBatchNorm", "is_channels_last", "set_channels_last"]
+__all__ = ["FrameConv", "FrameAttention", "FrameBatchNorm", "is_channels_last", "request_channels_last"]

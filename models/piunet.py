@@ -109,7 +109,6 @@ class PIUnet(nn.Module):
     does not depend on the order of the frames.
     """
 
-    registry_name = "piunet"
     has_uncertainty = True
 
     def __init__(self, n_feats: int = 42, r_bneck: int = 8, n_tefa: int = 16, n_heads: int = 1, scale: int = 3,
@@ -166,7 +165,8 @@ class PIUnet(nn.Module):
         return mu, s
 
     def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor | None = None) -> dict:
-        """The common interface: ``lr (B,T,h,w)`` in [0,1] (masks unused) ->
+        """The common interface: ``lr (B,T,h,w)`` in [0,1] (the masks are read only with
+        ``skip="baseline"``, by the ESA baseline the residual is added to) ->
         ``{"sr": (B,1,3h,3w) in [0,1] units, "log_scale": (B,1,3h,3w)}``, the Laplace log-scale in
         [0,1] units: ``s + log(RAW_STD / 65535)``."""
         base = None
@@ -176,3 +176,18 @@ class PIUnet(nn.Module):
             base = standardize(self.baseline(lr, lr_mask))
         mu, s = self(standardize(lr), base)
         return {"sr": destandardize(mu), "log_scale": s + math.log(RAW_STD / _FULL)}
+
+
+def authors_network(checkout: str) -> nn.Module:
+    """The authors' own PIUnet class at their default configuration, from a local checkout of their
+    repository (``Code/piunet/model.py``); for benchmarks against their code. Their code is
+    executed: use a checkout you trust. Never shipped here."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("piunet_ref", Path(checkout) / "Code" / "piunet" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["piunet_ref"] = mod
+    spec.loader.exec_module(mod)
+    return mod.PIUNET(types.SimpleNamespace(N_feat=42, R_bneck=8, N_tefa=16, N_heads=1))

@@ -107,7 +107,6 @@ class QANet(nn.Module):
     [0,1] units (not clamped).
     """
 
-    registry_name = "qanet"
     has_uncertainty = False
 
     def __init__(self, n_modules: int = 12, n_resblocks: int = 8, n_feats: int = 36, reduction: int = 16,
@@ -144,3 +143,25 @@ class QANet(nn.Module):
     def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor) -> dict:
         """The common interface: ``lr (B,T,h,w)`` in [0,1], ``lr_mask`` {0,1} -> ``{"sr": (B,1,3h,3w)}``."""
         return {"sr": self(lr, lr_mask)}
+
+
+def authors_network(checkout: str) -> nn.Module:
+    """The authors' own QA-Net class at their default configuration, from a local checkout of their
+    repository (``net/qanet.py`` with ``utils/resize.py``); for benchmarks against their code. Their
+    code is executed: use a checkout you trust. Never shipped here."""
+    import importlib.util
+    import re
+    import sys
+    import types
+    from pathlib import Path
+    root = Path(checkout)
+    resize = importlib.util.spec_from_file_location("resize", root / "utils" / "resize.py")
+    mod_r = importlib.util.module_from_spec(resize)
+    sys.modules["resize"] = mod_r  # torch.compile looks the helpers' module up by name
+    resize.loader.exec_module(mod_r)
+    # the resize helpers are put in the namespace below, whichever way the file imports them
+    src = re.sub(r"^from (utils\.)?resize import \*", "", (root / "net" / "qanet.py").read_text(), flags=re.M)
+    ns: dict = dict(vars(mod_r))
+    exec(compile(src, str(root / "net" / "qanet.py"), "exec"), ns)
+    cfg = dict(N_modules=12, N_resblocks=8, N_feats=36, reduction=16, N_heads=1, scale=3, N_lrs=9, rcab_bn=False)
+    return ns["QANet"](types.SimpleNamespace(**cfg))

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from models import build_model, set_channels_last
+from models import build_model, request_channels_last
 from utils.runtime import cuda_graphed, make_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -30,7 +30,7 @@ def test_cuda_graphed_training_matches_eager(name):
     """Outputs, gradients and BatchNorm statistics of graph replays equal eager runs, batch after batch."""
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    eager = set_channels_last(build_model(name, **TINY[name])).to(dev).train()
+    eager = request_channels_last(build_model(name, **TINY[name])).to(dev).train()
     graph_net = copy.deepcopy(eager)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.rand(3, 4, 16, 16, generator=g), (torch.rand(3, 4, 16, 16, generator=g) > 0.2).float(),

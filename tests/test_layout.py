@@ -43,3 +43,70 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert re.search(r"pip install .*-r requirements.txt", command) and "pytest" in command and "ruff check" in command
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert command in ci, f".ci/run does not run the README's test command: {command}"
+
+
+def _string_constants(tree: ast.AST):
+    """``(node, value)`` of the string constants of a module that are not docstrings."""
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node, node.value
+
+
+def _exempt_lines(rel, tree) -> set[int]:
+    """config.py's presets and its Config defaults (which are the default preset's values) may name models."""
+    if str(rel) != "config.py":
+        return set()
+    lines = set()
+    for node in tree.body:
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
+        if (isinstance(node, ast.ClassDef) and node.name == "Config") or any(
+                isinstance(t, ast.Name) and t.id == "PRESETS" for t in targets):
+            lines.update(range(node.lineno, node.end_lineno + 1))
+    return lines
+
+
+def test_no_model_is_named_outside_models_and_presets():
+    """Adding a model touches models/ (and the presets): no other code compares or lists model names.
+    A name counts as used when a string is the name, or holds it as a ``--model=NAME`` value or in a
+    ``a,b`` / ``a|b`` list."""
+    from models import MODELS
+    found = []
+    for rel, tree in _sources():
+        if rel.parts[0] == "models":
+            continue
+        exempt = _exempt_lines(rel, tree)
+        for node, value in _string_constants(tree):
+            tokens = set(re.split(r"[,|=]", value)) if re.search(r"[,|=]", value) else {value}
+            if node.lineno not in exempt and tokens & set(MODELS):
+                found.append(f"{rel}:{node.lineno} {value!r}")
+    assert not found, "model names outside models/ and the presets: " + "; ".join(found)
+
+
+def test_only_config_reads_the_command_line():
+    """Scripts hand their arguments to config.parse_command; no other code reads sys.argv or
+    inspects ``--option`` strings."""
+    found = []
+    for rel, tree in _sources():
+        if str(rel) == "config.py":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "argv" and getattr(node.value, "id", "") == "sys":
+                found.append(f"{rel}:{node.lineno} sys.argv")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                    "startswith", "partition", "split", "removeprefix") and any(
+                    isinstance(a, ast.Constant) and isinstance(a.value, (str, tuple)) and
+                    any(str(v).startswith("--") for v in (a.value if isinstance(a.value, tuple) else (a.value,)))
+                    for a in node.args):
+                found.append(f"{rel}:{node.lineno} .{node.func.attr}('--...')")
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value.startswith("--")
+                    for c in [node.left, *node.comparators]):
+                found.append(f"{rel}:{node.lineno} compares with an '--option' string")
+    assert not found, "command-line parsing outside config.py: " + "; ".join(found)

@@ -167,12 +167,12 @@ def test_qanet_rejects_wrong_frame_count():
 def test_channels_last_layout_gives_the_same_outputs_and_gradients(name):
     import copy
 
-    from models import set_channels_last
+    from models import request_channels_last
     torch.manual_seed(0)
     kw = dict(n_modules=2, n_resblocks=1, n_feats=8, reduction=4) if name == "qanet" else dict(n_feats=8, n_tefa=1,
                                                                                                r_bneck=4)
     a = build_model(name, **kw)
-    b = set_channels_last(copy.deepcopy(a))
+    b = request_channels_last(copy.deepcopy(a))
     lr, qm = torch.rand(2, 9, 12, 20), (torch.rand(2, 9, 12, 20) > 0.2).float()
     for mode in ("train", "eval"):
         a.train(mode == "train")

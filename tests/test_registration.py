@@ -142,10 +142,10 @@ def test_dataset_drops_train_scenes_without_a_clear_frame(synthetic_root, tmp_pa
     _cloud_over(cloudy_val, 0.5)
     kw = dict(bands="NIR", n_frames=4, cache_dir=tmp_path / "c", progress=False, min_frame_clearance=0.85)
     ds = ProbaVDataset(root, "train", **kw)
-    assert ds.dropped == [f"NIR/{cloudy_train.name}"] and cloudy_train.name not in ds.names
+    assert ds.dropped == [f"NIR/{cloudy_train.name}"] and cloudy_train.name not in [n for _, n in ds.keys]
     assert len(ds.scenes) == len(list((root / "train" / "NIR").iterdir())) - 1
     val = ProbaVDataset(root, "val", **kw)  # val keeps every scene; the cloudy one gets its clearest frame
-    i = val.names.index(cloudy_val.name)
+    i = [n for _, n in val.keys].index(cloudy_val.name)
     assert val.frames_for(i, None).tolist() == [int(np.argmax(val.scenes[i]["clearance"]))] * 4
     for other in (root / "train" / "NIR").iterdir():
         _cloud_over(other, 0.5)

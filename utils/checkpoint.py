@@ -2,10 +2,10 @@
 
 A checkpoint is a dict::
 
-    {"format": 1, "model_name": "qanet", "model_kwargs": {...}, "model": state_dict,
+    {"format": 2, "model_name": a key of models.MODELS, "model_kwargs": {...}, "model": state_dict,
      "optimizer": ..., "scheduler": ..., "scaler": ..., "epoch": completed epochs,
      "step": optimizer steps, "step_in_epoch": steps done in the current epoch,
-     "best_score": best validation Kelvin score (lower is better) or None,
+     "best_score": the best criterion so far (utils.keeper.criterion, lower is better) or None,
      "config": the resolved Config as a dict, "rng": RNG states}
 
 It is written atomically, holds only tensors and plain Python values (lists, dicts, strings,
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from config import Config, ConfigError, parse_args
-from models import build_model
+from config import CommandLine, Config, ConfigError
+from models import MODELS, TRAINABLE, build_model, check_frames, model_kwargs, name_of, spec_of
 
 from .runtime import atomic_torch_save
 
@@ -59,14 +59,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
                     epoch: int = 0, step: int = 0, step_in_epoch: int = 0, best_score: float | None = None,
-                    config: dict | None = None, rng: dict | None = None, model_name: str | None = None,
-                    extra: dict | None = None) -> None:
+                    config: dict | None = None, rng: dict | None = None, extra: dict | None = None) -> None:
     """Write a checkpoint of ``model`` (the weights valid.py and predict.py use) and the training
     state; ``extra`` adds fields (tensors and plain values only, see the module docstring)."""
     m = unwrap(model)
-    name = model_name or getattr(m, "registry_name", None) or type(m).__name__.lower()
     atomic_torch_save({
-        "format": FORMAT, "model_name": name, "model_kwargs": dict(m.kwargs), "model": m.state_dict(),
+        "format": FORMAT, "model_name": name_of(m), "model_kwargs": dict(m.kwargs), "model": m.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -119,9 +117,9 @@ def model_from_checkpoint(path: str | os.PathLike, model_name: str | None = None
         state = ckpt["model"]
     else:
         state = ckpt.get("state_dict", ckpt)
-        if model_name in (None, "baseline"):
+        if model_name is None or not spec_of(model_name).trainable:
             raise CheckpointError(f"{path}: a bare state dict; say which network it holds with "
-                                  f"--model=qanet or --model=piunet")
+                                  f"{' or '.join('--model=' + n for n in TRAINABLE)}")
         model = build_model(model_name, **(model_kwargs or {}))
         ckpt = {"model_name": model_name, "model_kwargs": dict(model.kwargs), "model": state, "config": None}
     try:
@@ -132,29 +130,34 @@ def model_from_checkpoint(path: str | os.PathLike, model_name: str | None = None
     return model.eval(), ckpt
 
 
-def load_for_eval(argv: list[str], default_out: str) -> tuple[Config, torch.nn.Module, Path]:
-    """Config (the checkpoint's, overridden by ``argv``), the model, and the output folder.
+def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") -> tuple[Config, nn.Module, Path]:
+    """Config (the checkpoint's, changed where the command line says so), the model, and the output folder.
 
-    Used by valid.py and predict.py. ``default_out`` names the output folder placed in the
-    checkpoint's run folder (or in ``results/`` for the baseline).
+    Used by valid.py and predict.py. ``checkpoint`` replaces the command line's ``--checkpoint``
+    (predict.py's per-band checkpoints). ``default_out`` names the output folder placed in the
+    checkpoint's run folder (or in ``results/`` for a model without weights, the ESA baseline).
     """
-    cfg = parse_args(argv)
-    explicit = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    if "model" in explicit and cfg.model == "baseline":
-        model = build_model("baseline")
-        # the baseline averages the clearest of *all* frames: give it every frame, one scene a time
-        cfg = cfg.replace(val_selection="all", val_batch_size=1)
-        out = Path(cfg.out_dir) if cfg.out_dir else Path("results") / f"baseline-{default_out}"
+    cfg = command.config.replace(checkpoint=checkpoint or command.config.checkpoint)
+    explicit_model = "model" in command.explicit
+    if explicit_model and not spec_of(cfg.model).trainable:
+        model = build_model(cfg.model)
+        if spec_of(cfg.model).all_frames:  # e.g. the baseline averages the clearest of *all* frames
+            cfg = cfg.replace(val_selection="all", val_batch_size=1)
+        out = Path(cfg.out_dir) if cfg.out_dir else Path("results") / f"{cfg.model}-{default_out}"
         return cfg, model, out
     if not cfg.checkpoint:
-        raise ConfigError("say what to run: --checkpoint=PATH (a training checkpoint or the authors' weights "
-                          "with --model=qanet|piunet) or --model=baseline")
-    model, ckpt = model_from_checkpoint(cfg.checkpoint, cfg.model if "model" in explicit else None, cfg.model_args)
+        untrained = [n for n in MODELS if not spec_of(n).trainable]
+        raise ConfigError(f"say what to run: --checkpoint=PATH (a training checkpoint or the authors' weights with "
+                          f"--model={'|'.join(TRAINABLE)}) or {' or '.join('--model=' + n for n in untrained)}")
+    model, ckpt = model_from_checkpoint(cfg.checkpoint, cfg.model if explicit_model else None,
+                                        model_kwargs(cfg.model, cfg.model_args, cfg.n_frames))
     if ckpt.get("config"):
-        keep = [a for a in argv if not a.startswith("--preset")]
-        base = Config.from_dict(ckpt["config"]).replace(split="val", out_dir="", checkpoint=cfg.checkpoint,
-                                                       resume=False, device="auto")
-        cfg = parse_args(keep, base=base)
+        base = Config.from_dict(ckpt["config"]).replace(split="val", out_dir="", resume=False, device="auto")
+        cfg = command.onto(base, checkpoint=cfg.checkpoint)
+    try:
+        check_frames(model, cfg.n_frames)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.checkpoint}: {e}") from None
     ckpt_path = Path(cfg.checkpoint)
     run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     out = Path(cfg.out_dir) if cfg.out_dir else run / f"{default_out}-{ckpt_path.stem}"

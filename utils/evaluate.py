@@ -9,22 +9,12 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from data import ProbaVDataset
+from models import spec_of
 
-from .metrics import cpsnr, cssim, has_clear
+from .metrics import cpsnr, cssim, has_clear, kelvin_score
 from .runtime import autocast
 
-__all__ = ["eval_scenes", "super_resolve", "iterate", "evaluate", "summarize", "make_panel", "to_uint16"]
-
-
-def eval_scenes(cfg, split: str, bands: str, progress: bool = True) -> ProbaVDataset:
-    """The full scenes of ``split`` prepared as ``cfg`` (a :class:`config.Config`) says for
-    evaluation: frames, their selection (``val_selection``, ``min_frame_clearance``), registration
-    and cloud filling. Shared by validation in training, ``valid.py`` and ``predict.py``."""
-    return ProbaVDataset(cfg.data_dir, split, bands=bands, n_frames=cfg.n_frames, selection=cfg.val_selection,
-                         cache_dir=cfg.cache_dir or None, fill_clouds=cfg.fill_clouds, val_fraction=cfg.val_fraction,
-                         seed=cfg.seed, progress=progress, register=cfg.register,
-                         min_frame_clearance=cfg.min_frame_clearance, select_fraction=cfg.select_fraction)
+__all__ = ["super_resolve", "iterate", "evaluate", "summarize", "make_panel", "to_uint16"]
 
 
 def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
@@ -49,7 +39,7 @@ def super_resolve(model: nn.Module, lr: torch.Tensor, lr_mask: torch.Tensor, amp
     """
     device = lr.device
     transforms = [(k, f) for f in (False, True) for k in range(4)] if ensemble else [(0, False)]
-    invariant = model.registry_name in ("piunet", "baseline") if hasattr(model, "registry_name") else False
+    invariant = spec_of(model).order_invariant
     acc: dict[str, torch.Tensor] = {}
     for i, (k, f) in enumerate(transforms):
         x, m = _dihedral(lr, k, f), _dihedral(lr_mask, k, f)
@@ -80,7 +70,7 @@ def iterate(model: nn.Module, dataset, device: torch.device, amp: str = "off", b
 
 
 def evaluate(model: nn.Module, dataset, device: torch.device, norm: dict[str, float] | None = None,
-             amp: str = "off", batch_size: int = 4, ensemble: bool = False, ssim: bool = True,
+             amp: str = "off", batch_size: int = 4, ensemble: bool = False,
              indices: Iterable[int] | None = None, progress: bool = True,
              on_batch: Callable[[dict, dict], None] | None = None) -> list[dict]:
     """Score every scene of ``dataset`` (which must have HR).
@@ -97,19 +87,19 @@ def evaluate(model: nn.Module, dataset, device: torch.device, norm: dict[str, fl
         sr, hr, mask = out["sr"], batch["hr"], batch["hr_mask"]
         ok = has_clear(mask)
         psnr = cpsnr(sr, hr, mask).double().cpu()
-        ss = cssim(sr, hr, mask).double().cpu() if ssim else torch.full_like(psnr, float("nan"))
+        ss = cssim(sr, hr, mask).double().cpu()
         for i, name in enumerate(batch["name"]):
             n = (norm or {}).get(name, float("nan"))
             p = float(psnr[i]) if bool(ok[i]) else float("nan")
             records.append({"scene": name, "band": batch["band"][i], "cpsnr": p,
                             "cssim": float(ss[i]) if bool(ok[i]) else float("nan"), "norm": n,
-                            "score": n / p if p == p and n == n else float("nan"), "skipped": not bool(ok[i])})
+                            "score": n / p, "skipped": not bool(ok[i])})  # NaN where either is
     return records
 
 
-def _nanmean(xs: list[float]) -> float:
-    xs = [x for x in xs if x == x]
-    return float(np.mean(xs)) if xs else float("nan")
+def _mean(xs: list[float]) -> float:
+    """The mean of the values that are not NaN (NaN for none)."""
+    return float(np.nanmean(xs)) if xs else float("nan")
 
 
 def summarize(records: list[dict]) -> dict:
@@ -123,8 +113,10 @@ def summarize(records: list[dict]) -> dict:
     for key in groups + ["all"]:
         rs = [r for r in records if key == "all" or r["band"] == key]
         kept = [r for r in rs if not r["skipped"]]
-        out[key] = {"cpsnr": _nanmean([r["cpsnr"] for r in kept]), "cssim": _nanmean([r["cssim"] for r in kept]),
-                    "score": _nanmean([r["score"] for r in kept]), "n": len(kept),
+        psnr = torch.tensor([r["cpsnr"] for r in kept], dtype=torch.float64)
+        norm = torch.tensor([r["norm"] for r in kept], dtype=torch.float64)
+        out[key] = {"cpsnr": _mean([r["cpsnr"] for r in kept]), "cssim": _mean([r["cssim"] for r in kept]),
+                    "score": float(kelvin_score(psnr, norm)) if kept else float("nan"), "n": len(kept),
                     "skipped": [r["scene"] for r in rs if r["skipped"]]}
     return out
 

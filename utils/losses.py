@@ -29,13 +29,16 @@ describe; each is available as an option, so a reproduction can follow either:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from models.piunet import RAW_STD
 
 from .metrics import _as_bhw, registered_stats, shifted_windows
 
-__all__ = ["LOSSES", "cpsnr_loss", "qanet_released_loss", "registered_l1", "registered_l1_uncertainty",
+__all__ = ["LOSSES", "LossSpec", "cpsnr_loss", "qanet_released_loss", "registered_l1", "registered_l1_uncertainty",
            "compute_loss"]
 
 _CMSE_FLOOR = 1e-12  # 120 dB: keeps log10 finite for a perfect patch
@@ -132,23 +135,41 @@ def registered_l1_uncertainty_released(sr: torch.Tensor, log_scale: torch.Tensor
     return _registered(sr, hr, hr_mask, border, per_pixel)
 
 
-LOSSES = ("cpsnr", "cpsnr_shift", "cpsnr_original", "l1_reg", "l1u_reg", "l1u_reg_original")
+@dataclass(frozen=True)
+class LossSpec:
+    """A training loss: ``fn(out, hr, hr_mask) -> scalar`` (lower is better), with ``out`` the model's
+    output dict, and whether it reads the uncertainty output (``out["log_scale"]``)."""
+
+    fn: Callable[[dict, torch.Tensor, torch.Tensor], torch.Tensor]
+    uses_uncertainty: bool = False
+
+
+def _sr(out: dict) -> torch.Tensor:
+    return out["sr"].float()
+
+
+def _log_scale(out: dict) -> torch.Tensor:
+    return out["log_scale"].float()
+
+
+# The one table of losses: config's choices and the trainer's DDP setting come from it.
+LOSSES: dict[str, LossSpec] = {
+    "cpsnr": LossSpec(lambda out, hr, m: cpsnr_loss(_sr(out), hr, m)),
+    "cpsnr_shift": LossSpec(lambda out, hr, m: cpsnr_loss(_sr(out), hr, m, shift=True)),
+    "cpsnr_original": LossSpec(lambda out, hr, m: qanet_released_loss(_sr(out), hr, m)),
+    "l1_reg": LossSpec(lambda out, hr, m: registered_l1(_sr(out), hr, m)),
+    "l1u_reg": LossSpec(lambda out, hr, m: registered_l1_uncertainty(_sr(out), _log_scale(out), hr, m),
+                        uses_uncertainty=True),
+    "l1u_reg_original": LossSpec(
+        lambda out, hr, m: registered_l1_uncertainty_released(_sr(out), _log_scale(out), hr, m), uses_uncertainty=True),
+}
 
 
 def compute_loss(name: str, out: dict, hr: torch.Tensor, hr_mask: torch.Tensor) -> torch.Tensor:
-    """The loss ``name`` (one of :data:`LOSSES`) of a model output dict against the batch."""
-    sr = out["sr"].float()
-    if name == "cpsnr":
-        return cpsnr_loss(sr, hr, hr_mask)
-    if name == "cpsnr_shift":
-        return cpsnr_loss(sr, hr, hr_mask, shift=True)
-    if name == "cpsnr_original":
-        return qanet_released_loss(sr, hr, hr_mask)
-    if name == "l1_reg":
-        return registered_l1(sr, hr, hr_mask)
-    if name in ("l1u_reg", "l1u_reg_original"):
-        if "log_scale" not in out:
-            raise ValueError(f"loss {name!r} needs a model with an uncertainty output (piunet)")
-        fn = registered_l1_uncertainty if name == "l1u_reg" else registered_l1_uncertainty_released
-        return fn(sr, out["log_scale"].float(), hr, hr_mask)
-    raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+    """The loss ``name`` (a key of :data:`LOSSES`) of a model output dict against the batch."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+    spec = LOSSES[name]
+    if spec.uses_uncertainty and "log_scale" not in out:
+        raise ValueError(f"loss {name!r} needs a model with an uncertainty output (log_scale)")
+    return spec.fn(out, hr, hr_mask)

@@ -250,11 +250,12 @@ def cssim(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, border: int
 
 def kelvin_score(cpsnr_db: torch.Tensor, norm_db: torch.Tensor) -> torch.Tensor:
     """Kelvin score ``mean(norm / cPSNR)`` over the scenes that have a cPSNR (lower is better;
-    the ESA baseline scores 1.0). Scenes with NaN cPSNR (no clear pixel) are left out.
+    the ESA baseline scores 1.0). Scenes with NaN cPSNR (no clear pixel) or NaN norm are left out.
 
     Args: ``cpsnr_db (N,)`` and ``norm_db (N,)`` (the norm.csv baselines), in dB.
     """
     keep = ~torch.isnan(cpsnr_db)
     if not bool(keep.any()):
         raise ValueError("kelvin_score: no scene has a cPSNR (every status map is empty)")
+    keep &= ~torch.isnan(norm_db)  # a scene norm.csv lacks has no score (NaN when none has one)
     return (norm_db[keep] / cpsnr_db[keep]).mean()

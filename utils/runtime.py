@@ -9,15 +9,16 @@ import os
 import random
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["reuse_freed_memory", "release_freed_memory", "resolve_device", "autocast", "make_scaler", "make_optimizer",
-           "cuda_graphed",
-           "seed_everything", "rng_state", "set_rng_state", "Dist", "init_distributed", "atomic_torch_save"]
+from .files import atomic_path
+
+__all__ = ["reuse_freed_memory", "release_freed_memory", "resolve_device", "open_device", "autocast", "make_scaler",
+           "make_optimizer", "cuda_graphed", "seed_everything", "rng_state", "set_rng_state", "Dist",
+           "init_distributed", "atomic_torch_save"]
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
@@ -66,7 +67,8 @@ def release_freed_memory() -> None:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the process's CUDA device when one exists, else CPU; ``cuda`` -> ``cuda:local_rank``."""
+    """``auto`` -> the process's CUDA device when one exists, else CPU; ``cuda`` -> ``cuda:local_rank``.
+    Changes nothing (see :func:`open_device`)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -74,10 +76,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} but this machine has no CUDA GPU; use --device=cpu")
+    return device
+
+
+def open_device(name: str, local_rank: int = 0) -> torch.device:
+    """:func:`resolve_device`, then set the process up for it: on CPU glibc keeps freed memory for
+    reuse (:func:`reuse_freed_memory`); on CUDA cuDNN benchmarks its kernels and keeps the fastest
+    (training patches and evaluation scenes have fixed shapes). For the scripts' one device."""
+    device = resolve_device(name, local_rank)
     if device.type == "cpu":
         reuse_freed_memory()
     if device.type == "cuda":
-        # training patches and evaluation scenes have fixed shapes: let cuDNN time and keep its fastest kernels
         torch.backends.cudnn.benchmark = True
     return device
 
@@ -201,7 +210,7 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = open_device(device_name, local_rank)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -210,14 +219,7 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash or Ctrl-C while
-    writing leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    """``torch.save`` through :func:`utils.files.atomic_path`: a crash or Ctrl-C while writing leaves
+    the previous file intact."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

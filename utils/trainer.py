@@ -1,20 +1,23 @@
-"""One training run: the network and its optimiser state, one optimisation step, one epoch, and the
-checkpoint policy. ``train.py`` drives a :class:`Trainer` epoch by epoch::
+"""One training run: the network and its optimiser state, one optimisation step, one epoch, and
+validation. ``train.py`` drives a :class:`Trainer` epoch by epoch, with a
+:class:`utils.keeper.CheckpointKeeper` that writes the checkpoints and says when to stop::
 
-    trainer = Trainer(cfg, dist, device, ckpt)        # build, restore, wrap
-    while trainer.progress.epoch < cfg.epochs:
-        trainer.train_epoch(train_ds, writer)           # steps, logging, Ctrl-C, max_steps
-        trainer.validate_and_keep(val_ds, norm, writer) # best.pt by the validation score
-        trainer.save("last.pt")
+    trainer = Trainer(cfg, dist, device, ckpt)                 # build, restore, wrap
+    keeper = CheckpointKeeper(run, cfg.max_steps, cfg.max_minutes)
+    while trainer.progress.epoch < cfg.epochs and not keeper.should_stop(trainer.progress.step):
+        if not trainer.train_epoch(train_ds, writer, keeper):  # steps, logging; False: stopped midway
+            break
+        summary, chooser = trainer.validate(val_ds, norm, writer, select_ds)  # every val_every epochs
+        keeper.consider(chooser, trainer)                      # best.pt
+        keeper.save_last(trainer)                              # last.pt
 
 Each method says in its docstring which part of the run's state it changes.
 """
 from __future__ import annotations
 
 import math
-import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -30,11 +33,12 @@ from tqdm import tqdm
 from config import Config, ConfigError
 from data import ProbaVDataset
 from data.sampler import StepBatchSampler
-from models import build_model, esa_baseline, set_channels_last
+from models import build_model, esa_baseline, model_kwargs, name_of, request_channels_last, spec_of
 
-from .checkpoint import model_from_checkpoint, save_checkpoint, unwrap
+from .checkpoint import model_from_checkpoint, unwrap
 from .evaluate import evaluate, make_panel, summarize
-from .losses import compute_loss
+from .keeper import CheckpointKeeper
+from .losses import LOSSES, compute_loss
 from .runtime import (
     Dist,
     autocast,
@@ -46,8 +50,8 @@ from .runtime import (
     set_rng_state,
 )
 
-__all__ = ["Trainer", "Progress", "SRModule", "TrainingDiverged", "build_network", "wrap", "validate", "criterion",
-           "describe", "val_indices"]
+__all__ = ["Trainer", "Progress", "SRModule", "TrainingDiverged", "build_network", "wrap", "validate", "describe",
+           "val_indices"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,11 +82,12 @@ class Progress:
 def build_network(cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
     """The model of ``cfg`` on ``device``: initial weights from ``cfg.checkpoint`` when given,
     SyncBatchNorm across CUDA processes, channels-last features when ``cfg.channels_last``."""
-    net = build_model(cfg.model, **cfg.model_args)
+    kwargs = model_kwargs(cfg.model, cfg.model_args, cfg.n_frames)
+    net = build_model(cfg.model, **kwargs)
     if cfg.checkpoint:
-        init, _ = model_from_checkpoint(cfg.checkpoint, cfg.model, cfg.model_args)
-        if init.registry_name != cfg.model:
-            raise ConfigError(f"--checkpoint={cfg.checkpoint} holds a {init.registry_name}, not a {cfg.model}")
+        init, _ = model_from_checkpoint(cfg.checkpoint, cfg.model, kwargs)
+        if name_of(init) != cfg.model:
+            raise ConfigError(f"--checkpoint={cfg.checkpoint} holds a {name_of(init)}, not a {cfg.model}")
         net.load_state_dict(init.state_dict())
     if dist.enabled and device.type == "cuda":
         # BatchNorm statistics over the global batch; gloo (CPU) has no SyncBatchNorm, where each
@@ -90,7 +95,7 @@ def build_network(cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net = net.to(device)
     if cfg.channels_last:
-        set_channels_last(net)
+        request_channels_last(net)
     return net
 
 
@@ -102,9 +107,9 @@ def wrap(net: nn.Module, cfg: Config, dist: Dist, device: torch.device) -> nn.Mo
                           "drop --cuda_graphs or use --amp/--compile instead")
     model: nn.Module = SRModule(net)
     if dist.enabled:
-        # PIUnet's uncertainty head gets no gradient from the losses that ignore it (registered L1)
+        # an uncertainty head gets no gradient from the losses that ignore it (registered L1)
         losses = {cfg.loss} | ({cfg.warmup_loss} if cfg.warmup_loss and cfg.warmup_epochs > 0 else set())
-        unused = net.has_uncertainty and not losses <= {"l1u_reg", "l1u_reg_original"}
+        unused = spec_of(net).uncertainty and not all(LOSSES[name].uses_uncertainty for name in losses)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=unused)
     if cfg.compile:
@@ -117,8 +122,8 @@ class Trainer:
 
     Holds the network (``net``, plain) and its training form (``model``: DDP/compile wrappers), the
     optimizer, scheduler and gradient scaler, the moving average of the weights (``ema``, when
-    ``cfg.ema > 0``) and the run's :class:`Progress`. A checkpoint in
-    ``ckpt`` (``--resume``) restores all of them and the RNG states.
+    ``cfg.ema > 0``) and the run's :class:`Progress`. A checkpoint in ``ckpt`` (``--resume``)
+    restores all of them and the RNG states; :meth:`checkpoint` gives what to save.
     """
 
     def __init__(self, cfg: Config, dist: Dist, device: torch.device, ckpt: dict | None = None):
@@ -137,9 +142,6 @@ class Trainer:
             self.restore(ckpt)
         self.model = wrap(self.net, cfg, dist, device)
         self.graphed: nn.Module | None = None  # CUDA graphs, captured at the first training batch
-        self.stop_requested = False
-        self.started = time.monotonic()  # for max_minutes (a resumed run gets a new budget)
-        self.time_up = False  # max_minutes passed on some process (agreed on in train_step)
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
@@ -164,17 +166,15 @@ class Trainer:
         if self.dist.main:
             print(f"resuming {self.run} at epoch {self.progress.epoch}, step {self.progress.step}")
 
-    def save(self, name: str) -> None:
-        """Write ``checkpoints/<name>`` (rank 0 only) with everything :meth:`restore` reads."""
-        if not self.dist.main:
-            return
+    def checkpoint(self) -> dict:
+        """The arguments of :func:`utils.checkpoint.save_checkpoint`: everything :meth:`restore` reads."""
         p = self.progress
         extra = {} if self.ema is None else {"raw_model": self.net.state_dict(),
                                               "ema_updates": int(self.ema.n_averaged)}
-        save_checkpoint(self.run / "checkpoints" / name, model=self.eval_net(), optimizer=self.optimizer,
-                        scheduler=self.scheduler, scaler=self.scaler, epoch=p.epoch, step=p.step,
-                        step_in_epoch=p.step_in_epoch, best_score=None if p.best == math.inf else p.best,
-                        config=self.cfg.to_dict(), rng=rng_state(), extra=extra)
+        return dict(model=self.eval_net(), optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                    epoch=p.epoch, step=p.step, step_in_epoch=p.step_in_epoch,
+                    best_score=None if p.best == math.inf else p.best, config=self.cfg.to_dict(), rng=rng_state(),
+                    extra=extra)
 
     # --- one optimisation step --------------------------------------------------------------------------
 
@@ -189,12 +189,12 @@ class Trainer:
         with autocast(self.device, self.cfg.amp):
             return (self.model if self.graphed is None else self.graphed)(mb["lr"], mb["lr_mask"])
 
-    def train_step(self, batches: Iterator[dict]) -> tuple[float, int]:
+    def train_step(self, batches: Iterator[dict], keeper: CheckpointKeeper) -> tuple[float, int]:
         """One optimizer step over ``accum_steps`` micro-batches drawn from ``batches``.
 
         Changes the weights, the optimizer and scaler state, the per-step scheduler and
-        ``progress.step``; sets ``stop_requested`` when any process was asked to stop (Ctrl-C) and
-        ``time_up`` when ``max_minutes`` passed on any process (all processes agree on both).
+        ``progress.step``; tells ``keeper`` whether any process was asked to stop (Ctrl-C) or ran
+        out of time (all processes agree, in the same collective as the loss).
         Returns the loss averaged over micro-batches and processes, and the samples all processes
         used. Raises :class:`TrainingDiverged` on a non-finite loss, before the weights change.
         """
@@ -212,14 +212,13 @@ class Trainer:
                 self.scaler.scale(loss / cfg.accum_steps).backward()
             total[0] += loss.detach().double().cpu() / cfg.accum_steps
             samples += len(mb["name"]) * dist.world
-        total[1] = float(self.stop_requested)
-        total[2] = float(cfg.max_minutes > 0 and time.monotonic() - self.started >= 60 * cfg.max_minutes)
+        total[1], total[2] = keeper.local_flags()
         total = dist.all_reduce_sum(total)
         mean_loss = float(total[0]) / dist.world
-        self.stop_requested, self.time_up = bool(total[1] > 0), bool(total[2] > 0)
+        keeper.agree(bool(total[1] > 0), bool(total[2] > 0))
         if not math.isfinite(mean_loss):
-            last = self.run / "checkpoints" / "last.pt"
-            kept = f"The last good checkpoint is {last}." if last.exists() else "No checkpoint was written yet."
+            kept = (f"The last good checkpoint is {keeper.last}." if keeper.last.exists()
+                    else "No checkpoint was written yet.")
             raise TrainingDiverged(f"the {self.loss_name()} loss is {mean_loss} at epoch {self.progress.epoch + 1}, "
                                    f"step {self.progress.step + 1}: training stopped. {kept} Try a lower --lr, "
                                    f"--grad_clip, or --amp=off.")
@@ -237,32 +236,13 @@ class Trainer:
 
     # --- one epoch ------------------------------------------------------------------------------------
 
-    @contextmanager
-    def catch_interrupt(self):
-        """Within the block, a first Ctrl-C sets ``stop_requested`` (the epoch then saves and exits
-        with status 130 after the current step); a second one aborts at once."""
-        def on_sigint(signum, frame):
-            self.stop_requested = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-        old = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, old)
-
-    def out_of_budget(self) -> bool:
-        """True once ``max_steps`` optimizer steps are done or ``max_minutes`` have passed."""
-        cfg = self.cfg
-        return (bool(cfg.max_steps) and self.progress.step >= cfg.max_steps) or self.time_up
-
-    def train_epoch(self, train_ds: ProbaVDataset, writer=None) -> bool:
-        """Train the current epoch from ``progress.step_in_epoch`` on, logging to ``writer``.
+    def train_epoch(self, train_ds: ProbaVDataset, writer, keeper: CheckpointKeeper) -> bool:
+        """Train the current epoch from ``progress.step_in_epoch`` on, logging to ``writer`` (None:
+        no logging).
 
         Returns True when the epoch completed (then ``progress.epoch`` is advanced, the per-epoch
-        scheduler stepped and ``step_in_epoch`` reset), False when ``max_steps`` or ``max_minutes``
-        stopped it midway (``step_in_epoch`` says where; ``last.pt`` is saved). On Ctrl-C saves
-        ``last.pt`` and raises ``SystemExit(130)``.
+        scheduler stepped and ``step_in_epoch`` reset), False when ``keeper`` said stop midway
+        (Ctrl-C, ``max_steps``, ``max_minutes``; ``step_in_epoch`` says where).
         """
         cfg, dist, p = self.cfg, self.dist, self.progress
         train_ds.set_epoch(p.epoch)
@@ -275,7 +255,7 @@ class Trainer:
                    disable=not dist.main, leave=False, unit="step")
         logged, t0, seen = [], time.perf_counter(), 0
         for i in bar:
-            loss, samples = self.train_step(batches)
+            loss, samples = self.train_step(batches, keeper)
             seen += samples
             logged.append(loss)
             rate = seen / max(time.perf_counter() - t0, 1e-9)
@@ -285,15 +265,9 @@ class Trainer:
                 writer.add_scalar("train/samples_per_s", rate, p.step)
                 writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], p.step)
                 logged = []
-            if self.stop_requested or self.out_of_budget():
+            if keeper.should_stop(p.step):
                 bar.close()
                 p.step_in_epoch = i + 1
-                self.save("last.pt")
-                if self.stop_requested:
-                    if dist.main:
-                        print(f"\ninterrupted: saved {self.run / 'checkpoints' / 'last.pt'} (epoch {p.epoch + 1}, "
-                              f"step {p.step}); continue with: python train.py --out_dir={self.run} --resume")
-                    raise SystemExit(130)
                 return False
         bar.close()
         p.step_in_epoch = 0
@@ -302,33 +276,40 @@ class Trainer:
             self.scheduler.step()
         return True
 
-    # --- validation and the checkpoint policy ---------------------------------------------------------
+    # --- validation ---------------------------------------------------------------------------------
 
-    def validate_and_keep(self, val_ds: ProbaVDataset, norm: dict, writer=None,
-                          select_ds: ProbaVDataset | None = None) -> dict:
-        """Score the validation scenes, and the selection scenes when given; when the score of the
-        scenes that choose (``select_ds``, else ``val_ds``) beats ``progress.best``, update it and
-        save ``best.pt``. Returns the validation summary (see :func:`utils.evaluate.summarize`)."""
+    def validate(self, val_ds: ProbaVDataset, norm: dict, writer=None,
+                 select_ds: ProbaVDataset | None = None) -> tuple[dict, dict]:
+        """Score the validation scenes, and the selection scenes when given, with the weights that
+        are kept (:meth:`eval_net`). Returns ``(validation summary, summary of the scenes that choose
+        best.pt)`` (the same summary when there is no selection split; see
+        :func:`utils.evaluate.summarize`). Changes nothing but the logs."""
         args = (self.cfg, self.dist, self.device, norm, self.progress.epoch, writer, self.run)
         summary = validate(self.eval_net(), val_ds, *args)
         chooser = summary if select_ds is None else validate(self.eval_net(), select_ds, *args, tag="select")
-        if criterion(chooser) < self.progress.best:
-            self.progress.best = criterion(chooser)
-            self.save("best.pt")
-        return summary
+        return summary, chooser
 
 
 def val_indices(ds: ProbaVDataset, limit: int) -> list[int]:
     """The first ``limit`` scenes of each band (all when 0)."""
     if limit <= 0:
-        return list(range(len(ds.scenes)))
+        return list(range(len(ds.keys)))
     seen: dict[str, int] = {}
     out = []
-    for i, s in enumerate(ds.scenes):
-        if seen.get(s["band"], 0) < limit:
-            seen[s["band"]] = seen.get(s["band"], 0) + 1
+    for i, (band, _) in enumerate(ds.keys):
+        if seen.get(band, 0) < limit:
+            seen[band] = seen.get(band, 0) + 1
             out.append(i)
     return out
+
+
+def _panel(batch: dict, out: dict, i: int) -> np.ndarray:
+    """The comparison panel of sample ``i`` of an evaluation batch, from what the batch holds: the
+    clearest of its frames, the ESA baseline of its frames, the SR, HR, error and uncertainty."""
+    lr, qm = batch["lr"][i].cpu().numpy(), batch["lr_mask"][i].cpu().numpy() > 0.5
+    ls = out["log_scale"][i, 0].cpu().numpy() if "log_scale" in out else None
+    return make_panel(lr[int(np.argmax(qm.mean((1, 2))))], esa_baseline(lr, qm), out["sr"][i, 0].cpu().numpy(),
+                      batch["hr"][i, 0].cpu().numpy(), batch["hr_mask"][i, 0].cpu().numpy(), ls)
 
 
 def validate(model: nn.Module, ds: ProbaVDataset, cfg: Config, dist: Dist, device: torch.device,
@@ -343,12 +324,7 @@ def validate(model: nn.Module, ds: ProbaVDataset, cfg: Config, dist: Dist, devic
     def on_batch(batch: dict, out: dict) -> None:
         for i, idx in enumerate(batch["index"].tolist()):
             if idx in shown:
-                s = ds.scenes[idx]
-                ls = out["log_scale"][i, 0].cpu().numpy() if "log_scale" in out else None
-                panels.append((s["name"], make_panel(
-                    s["lr"][int(np.argmax(s["clearance"]))] / 65535.0, esa_baseline(s["lr"], s["qm"]),
-                    out["sr"][i, 0].cpu().numpy(), batch["hr"][i, 0].cpu().numpy(),
-                    batch["hr_mask"][i, 0].cpu().numpy(), ls)))
+                panels.append((batch["name"][i], _panel(batch, out, i)))
 
     mine = indices[dist.rank::dist.world]
     records = evaluate(unwrap(model), ds, device, norm, cfg.amp, cfg.val_batch_size, indices=mine,
@@ -369,19 +345,13 @@ def _log_validation(summary: dict, panels: list[tuple[str, np.ndarray]], epoch: 
     for band, s in summary.items():
         suffix = "" if band == "all" else f"_{band}"
         for key in ("cpsnr", "cssim", "score"):
-            if s[key] == s[key]:
+            if not math.isnan(s[key]):
                 writer.add_scalar(f"{tag}/{key}{suffix}", s[key], epoch)
     images = run / "images"
     images.mkdir(exist_ok=True)
     for name, panel in panels:
         Image.fromarray(panel).save(images / f"epoch{epoch:04d}_{name}.png")
         writer.add_image(f"val/{name}", panel, epoch, dataformats="HW")
-
-
-def criterion(summary: dict) -> float:
-    """Lower is better: the Kelvin score, or minus the cPSNR where norm.csv lacks the scenes."""
-    s = summary["all"]
-    return s["score"] if s["score"] == s["score"] else -s["cpsnr"]
 
 
 def describe(summary: dict) -> str:

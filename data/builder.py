@@ -1,0 +1,32 @@
+"""From a config to a dataset: the one place that maps config fields to :class:`ProbaVDataset`.
+
+A new data option is a :class:`config.Config` field, a :class:`ProbaVDataset` argument, and one line
+here; train.py, validation, valid.py and predict.py all build their scenes through this function.
+"""
+from __future__ import annotations
+
+from .dataset import ProbaVDataset
+
+__all__ = ["build_dataset"]
+
+
+def build_dataset(cfg, split: str, band: str | None = None, training: bool = False,
+                  progress: bool = True) -> ProbaVDataset:
+    """The scenes of ``split`` prepared as ``cfg`` (a :class:`config.Config`) says.
+
+    Args:
+        cfg: the run's config.
+        split: ``train``, ``select``, ``val`` or ``test`` (see :func:`data.split_scenes`).
+        band: ``NIR``, ``RED`` or ``all``; default ``cfg.band``.
+        training: training samples (random or grid patches, ``train_selection``, augmentation,
+            ``repeats``); otherwise full scenes with ``val_selection`` for scoring and prediction.
+        progress: show a progress bar while scenes load.
+    """
+    common = dict(bands=band or cfg.band, n_frames=cfg.n_frames, seed=cfg.seed, cache_dir=cfg.cache_dir or None,
+                  val_fraction=cfg.val_fraction, select_fraction=cfg.select_fraction, progress=progress,
+                  fill_clouds=cfg.fill_clouds, register=cfg.register, min_frame_clearance=cfg.min_frame_clearance)
+    if not training:
+        return ProbaVDataset(cfg.data_dir, split, selection=cfg.val_selection, **common)
+    return ProbaVDataset(cfg.data_dir, split, selection=cfg.train_selection, patch_size=cfg.patch_size,
+                         min_clear=cfg.min_clear, beta=cfg.beta, repeats=cfg.repeats, patches=cfg.patches,
+                         augment=cfg.augment, **common)

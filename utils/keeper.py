@@ -1,0 +1,108 @@
+"""The checkpoint policy and the run's stopping conditions, in one object (after timm's
+``CheckpointSaver``).
+
+:class:`CheckpointKeeper` decides what is written where and when training stops:
+
+- ``checkpoints/last.pt``: everything ``--resume`` needs, written after every epoch and when
+  training stops early (:meth:`CheckpointKeeper.save_last`);
+- ``checkpoints/best.pt``: written when the score of the scenes that choose beats the best so far
+  (:meth:`CheckpointKeeper.consider`, by :func:`criterion`);
+- stopping: ``max_steps`` optimizer steps, ``max_minutes`` of wall clock, or Ctrl-C
+  (:meth:`CheckpointKeeper.catch_interrupt`). Every process must stop at the same step, so the
+  local conditions are summed over processes in the training step (:meth:`local_flags`,
+  :meth:`agree`).
+
+A rule about which checkpoint is kept, or when a run stops, goes here. The keeper never ends the
+process: ``train.py`` reads :attr:`CheckpointKeeper.interrupted` and decides the exit status.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .checkpoint import save_checkpoint
+
+__all__ = ["CheckpointKeeper", "criterion"]
+
+
+def criterion(summary: dict) -> float:
+    """Lower is better: the Kelvin score, or minus the cPSNR where norm.csv lacks the scenes."""
+    s = summary["all"]
+    return -s["cpsnr"] if math.isnan(s["score"]) else s["score"]
+
+
+class CheckpointKeeper:
+    """Writes ``last.pt`` and ``best.pt`` of a run (rank 0 only) and says when training stops.
+
+    Args:
+        run: the run folder; checkpoints go to ``run/checkpoints``.
+        max_steps: stop after this many optimizer steps (0: no limit).
+        max_minutes: stop after this many minutes of training, counted from construction (0: none).
+        main: whether this process writes (rank 0).
+    """
+
+    def __init__(self, run: Path, max_steps: int = 0, max_minutes: float = 0.0, main: bool = True):
+        self.dir = Path(run) / "checkpoints"
+        self.max_steps, self.max_minutes, self.main = max_steps, max_minutes, main
+        self.started = time.monotonic()  # a resumed run gets a new time budget
+        self.stop_requested = False  # Ctrl-C on this process
+        self.interrupted = False  # Ctrl-C on some process (agreed on in the training step)
+        self.time_up = False  # max_minutes passed on some process (agreed on in the training step)
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.dir / "best.pt"
+
+    # --- stopping ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def catch_interrupt(self):
+        """Within the block, a first Ctrl-C sets ``stop_requested`` (training stops after the current
+        step, and ``last.pt`` is saved); a second one aborts at once."""
+        def on_sigint(signum, frame):
+            self.stop_requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        old = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+    def local_flags(self) -> tuple[float, float]:
+        """``(Ctrl-C asked here, max_minutes passed here)`` as 0/1, to be summed over processes."""
+        minutes_up = self.max_minutes > 0 and time.monotonic() - self.started >= 60 * self.max_minutes
+        return float(self.stop_requested), float(minutes_up)
+
+    def agree(self, interrupted: bool, time_up: bool) -> None:
+        """Take the flags summed over all processes, so every process stops at the same step."""
+        self.interrupted, self.time_up = interrupted, time_up
+
+    def should_stop(self, step: int) -> bool:
+        """True once Ctrl-C was pressed, ``max_steps`` steps are done or ``max_minutes`` have passed."""
+        return self.interrupted or self.time_up or (bool(self.max_steps) and step >= self.max_steps)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def save_last(self, trainer) -> None:
+        """Write ``last.pt``: the trainer's full state (:meth:`utils.trainer.Trainer.checkpoint`)."""
+        if self.main:
+            save_checkpoint(self.last, **trainer.checkpoint())
+
+    def consider(self, summary: dict, trainer) -> bool:
+        """Keep ``best.pt`` when ``summary`` (of the scenes that choose) beats ``trainer.progress.best``;
+        returns whether it did. The new best is recorded in the progress, which ``last.pt`` stores."""
+        score = criterion(summary)
+        if not score < trainer.progress.best:
+            return False
+        trainer.progress.best = score
+        if self.main:
+            save_checkpoint(self.best, **trainer.checkpoint())
+        return True
