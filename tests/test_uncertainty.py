@@ -1,0 +1,249 @@
+"""utils.uncertainty against direct NumPy computations on small synthetic scenes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from utils.metrics import cpsnr
+from utils.uncertainty import UncertaintyReport, reliability_image, reliability_plot, scene_errors, spearman
+
+BORDER = 3
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """B=3 scenes of 48x48: SR is the HR window at a scene-specific offset (not the centre), darker
+    by a constant, plus noise; the status maps have random haze and a rectangular cloud; scene 2
+    has no clear pixel at all."""
+    rng = np.random.default_rng(0)
+    B, H = 3, 48
+    h = H - 2 * BORDER
+    hr = rng.uniform(0.1, 0.6, (B, H, H))
+    sr = np.full((B, H, H), 0.3)
+    offsets = [(1, 5), (4, 2), (3, 3)]
+    for i, (u, v) in enumerate(offsets):
+        sr[i, BORDER:-BORDER, BORDER:-BORDER] = hr[i, u:u + h, v:v + h] - 0.04 + rng.normal(0, 0.01, (h, h))
+    mask = rng.uniform(size=(B, H, H)) > 0.3
+    mask[0, 5:20, 10:30] = False
+    mask[1, 20:40, 0:25] = False
+    mask[2] = False
+    log_scale = rng.normal(-5, 1, (B, H, H))
+    as_t = lambda a: torch.from_numpy(a)[:, None]  # noqa: E731  (B,1,H,W) like the models' output
+    return {"sr": as_t(sr), "log_scale": as_t(log_scale), "hr": as_t(hr), "mask": as_t(mask), "offsets": offsets}
+
+
+def _direct(sr, log_scale, hr, mask, border=BORDER):
+    """The cPSNR registration written out: loop over the offsets, keep the lowest cMSE (first on a
+    tie), remove that offset's bias; abs errors and exp(log_scale) at the clear pixels."""
+    H, W = sr.shape
+    h, w = H - 2 * border, W - 2 * border
+    x = sr[border:H - border, border:W - border]
+    best = (np.inf, None, None)
+    for u in range(2 * border + 1):
+        for v in range(2 * border + 1):
+            m = mask[u:u + h, v:v + w]
+            if not m.any():
+                continue
+            d = (hr[u:u + h, v:v + w] - x)[m]
+            b = d.mean()
+            cmse = np.mean((d - b) ** 2)
+            if cmse < best[0]:
+                best = (cmse, (u, v), b)
+    if best[1] is None:
+        return None
+    _, (u, v), b = best
+    m = mask[u:u + h, v:v + w]
+    err = np.abs(hr[u:u + h, v:v + w] - x - b)[m]
+    return err, np.exp(log_scale[border:H - border, border:W - border][m]), (u, v), best[0]
+
+
+def test_scene_errors_matches_direct_numpy(batch):
+    got = scene_errors(batch["sr"], batch["log_scale"], batch["hr"], batch["mask"])
+    assert len(got) == 3
+    for i in range(3):
+        want = _direct(*(batch[k][i, 0].numpy() for k in ("sr", "log_scale", "hr", "mask")))
+        if want is None:
+            assert got[i] is None
+            continue
+        err, scale, offset, _ = want
+        assert got[i].offset == offset == batch["offsets"][i]
+        assert got[i].errors.dtype == np.float64 and got[i].scales.dtype == np.float64
+        assert got[i].errors.shape == err.shape and got[i].errors.ndim == 1
+        np.testing.assert_allclose(got[i].errors, err, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(got[i].scales, scale, rtol=1e-12)
+    assert got[2] is None  # the cloud-covered scene is skipped, as the metric skips it
+
+
+def test_scene_errors_agree_with_cpsnr(batch):
+    """The kept errors are exactly the ones cpsnr() scores: their variance is its best cMSE."""
+    got = scene_errors(batch["sr"], batch["log_scale"], batch["hr"], batch["mask"])
+    psnr = cpsnr(batch["sr"], batch["hr"], batch["mask"])
+    for i in range(2):
+        u, v = got[i].offset
+        sr, hr, m = (batch[k][i, 0].numpy() for k in ("sr", "hr", "mask"))
+        h = sr.shape[0] - 2 * BORDER
+        signed = (hr[u:u + h, v:v + h] - sr[BORDER:-BORDER, BORDER:-BORDER])[m[u:u + h, v:v + h]]
+        cmse = np.mean((signed - signed.mean()) ** 2)
+        np.testing.assert_allclose(np.mean(got[i].errors ** 2), cmse, rtol=1e-9)
+        assert abs(-10 * np.log10(cmse) - psnr[i].item()) < 1e-6
+    assert torch.isnan(psnr[2])
+
+
+def test_scene_errors_rejects_mismatched_log_scale(batch):
+    with pytest.raises(ValueError, match="log_scale"):
+        scene_errors(batch["sr"], batch["log_scale"][:, :, :-1], batch["hr"], batch["mask"])
+
+
+def _avg_ranks(x):
+    """1-based ranks, ties sharing the mean of their ranks."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    xs = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def test_spearman_matches_numpy_ranks():
+    rng = np.random.default_rng(1)
+    for a, b in [(rng.normal(size=200), rng.normal(size=200)),
+                 (rng.integers(0, 5, 300).astype(float), rng.integers(0, 7, 300).astype(float)),  # many ties
+                 (np.arange(50.0), np.arange(50.0) ** 3)]:
+        want = np.corrcoef(_avg_ranks(a), _avg_ranks(b))[0, 1]
+        assert abs(spearman(a, b) - want) < 1e-12
+    assert spearman(np.arange(5.0), -np.arange(5.0)) == pytest.approx(-1.0)
+    assert np.isnan(spearman(np.ones(10), np.arange(10.0)))  # constant: undefined, no warning
+    assert np.isnan(spearman([1.0], [2.0]))
+
+
+def _numpy_calibration(errors, scales, n_bins=10):
+    edges = np.quantile(scales, np.linspace(0, 1, n_bins + 1))
+    rows = []
+    for k in range(n_bins):
+        inside = (scales >= edges[k]) & ((scales < edges[k + 1]) if k < n_bins - 1 else (scales <= edges[k + 1]))
+        rows.append((inside.sum(), scales[inside].mean() if inside.any() else None,
+                     errors[inside].mean() if inside.any() else None))
+    return rows
+
+
+def _random_report(rng):
+    rep = UncertaintyReport()
+    data = {"NIR": ([], []), "RED": ([], [])}
+    for i in range(7):
+        band = "NIR" if i % 2 else "RED"
+        n = int(rng.integers(50, 400))
+        s = rng.lognormal(-5, 1, n).astype(np.float32).astype(np.float64)  # float32-exact: stored as such
+        e = (s * rng.exponential(1.0, n)).astype(np.float32).astype(np.float64)
+        rep.add(f"scene{i}", band, e, s)
+        data[band][0].append(e)
+        data[band][1].append(s)
+    rep.add("cloudy", "RED", None, None)
+    return rep, {b: (np.concatenate(e), np.concatenate(s)) for b, (e, s) in data.items()}
+
+
+def test_report_tables_match_numpy():
+    rep, data = _random_report(np.random.default_rng(2))
+    data["all"] = tuple(np.concatenate([data["NIR"][j], data["RED"][j]]) for j in range(2))
+    d = json.loads(json.dumps(rep.to_dict(), allow_nan=False))  # strict JSON: no NaN
+    assert set(d["bands"]) == {"NIR", "RED", "all"}
+    assert d["skipped"] == [{"scene": "cloudy", "band": "RED"}] and d["bands"]["RED"]["skipped"] == ["cloudy"]
+    assert d["bands"]["NIR"]["skipped"] == [] and len(d["scenes"]) == 7
+    for band, (e, s) in data.items():
+        g = d["bands"][band]
+        assert g["n_pixels"] == e.size
+        assert g["mean_error"] == pytest.approx(e.mean(), rel=1e-9)
+        assert g["mean_scale"] == pytest.approx(s.mean(), rel=1e-9)
+        rhos = [spearman(r[1], r[0]) for r in _scene_arrays(rep, band)]
+        assert g["spearman_mean"] == pytest.approx(np.mean(rhos), rel=1e-12) and g["n_scenes"] == len(rhos)
+        want = _numpy_calibration(e, s)
+        assert len(g["calibration"]) == 10
+        for row, (n, ms, me) in zip(g["calibration"], want, strict=True):
+            assert row["n"] == n and row["mean_scale"] == pytest.approx(ms, rel=1e-6)
+            assert row["mean_error"] == pytest.approx(me, rel=1e-6)
+        # deciles of distinct values: near-equal counts, increasing scales
+        assert max(r["n"] for r in g["calibration"]) - min(r["n"] for r in g["calibration"]) <= 2
+        assert np.all(np.diff([r["mean_scale"] for r in g["calibration"]]) > 0)
+    for scene in d["scenes"]:
+        e, s = next(x for x in _scene_arrays(rep, "all", with_names=True) if x[2] == scene["scene"])[:2]
+        assert scene["spearman"] == pytest.approx(spearman(s, e), rel=1e-12)
+    text = rep.table()
+    assert "NIR" in text and "RED" in text and "all" in text and len(text.splitlines()) > 30
+
+
+def _scene_arrays(rep, band, with_names=False):
+    """(errors, scales[, name]) of the scenes of ``band`` as the report stored them."""
+    chunks = rep._chunks(band)
+    names = [r["scene"] for r in rep.scenes if band == "all" or r["band"] == band]
+    if band == "all":  # _chunks("all") is ordered by band
+        names = [r["scene"] for b in rep.bands() for r in rep.scenes if r["band"] == b]
+    return [(e.astype(np.float64), s.astype(np.float64)) + ((n,) if with_names else ())
+            for (e, s), n in zip(chunks, names, strict=True)]
+
+
+def test_calibration_with_tied_scales():
+    """A constant predicted scale (e.g. an untrained head) puts every pixel in one bin."""
+    rep = UncertaintyReport()
+    rep.add("a", "NIR", np.arange(100.0) / 1000, np.full(100, 0.01))
+    cal = rep.calibration("NIR")
+    assert [r["n"] for r in cal] == [0] * 9 + [100]
+    assert cal[0]["mean_error"] is None and cal[-1]["mean_error"] == pytest.approx(0.0495)
+    assert rep.to_dict()["scenes"][0]["spearman"] is None
+    assert "-" in rep.table()
+
+
+def test_add_batch_and_calibrated_laplace_case():
+    """SR = HR - Laplace(b) noise on a textured scene: after registration the decile mean errors
+    match the mean predicted scales (to ~10%), and doubling the noise would break that."""
+    rng = np.random.default_rng(3)
+    B, H = 4, 96
+    hr = rng.uniform(0.1, 0.9, (B, H, H))
+    log_b = rng.uniform(np.log(0.002), np.log(0.05), (B, H, H))
+    results = {}
+    for factor in (1.0, 2.0):
+        sr = hr - rng.laplace(0.0, factor * np.exp(log_b))
+        t = lambda a: torch.from_numpy(a)[:, None]  # noqa: E731
+        mask = np.ones((B, H, H), bool)
+        mask[-1] = False
+        rep = UncertaintyReport()
+        rep.add_batch([f"s{i}" for i in range(B)], ["NIR", "RED"] * (B // 2), t(sr), t(log_b), t(hr), t(mask))
+        d = rep.to_dict()
+        assert [r["scene"] for r in d["skipped"]] == ["s3"] and d["bands"]["all"]["n_scenes"] == 3
+        assert d["bands"]["all"]["n_pixels"] == 3 * (H - 2 * BORDER) ** 2
+        results[factor] = [r["mean_error"] / r["mean_scale"] for r in d["bands"]["all"]["calibration"]]
+        assert d["bands"]["all"]["spearman_mean"] > 0.3
+    assert all(abs(r - 1) < 0.1 for r in results[1.0]), results[1.0]
+    assert all(abs(r - 2) < 0.2 for r in results[2.0]), results[2.0]
+
+
+def test_reliability_plot_writes_png(tmp_path):
+    rep, _ = _random_report(np.random.default_rng(4))
+    path = tmp_path / "reliability.png"
+    reliability_plot(rep, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    reliability_plot(json.loads(json.dumps(rep.to_dict())), tmp_path / "again.png")  # from summary.json
+    img = reliability_image(rep)
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.min() < img.max()
+    empty = reliability_image(UncertaintyReport())  # nothing scored: still an image
+    assert empty.shape[2] == 3
+
+
+def test_import_does_not_load_matplotlib():
+    code = "import sys, utils.uncertainty; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
