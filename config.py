@@ -61,11 +61,20 @@ class Config:
     beta: float = opt(50.0, "temperature of the clearance-weighted sampling")
     patch_size: int = opt(32, "LR training patch side (HR patches are 3x)")
     min_clear: float = opt(0.25, "a training patch with a smaller HR clear fraction is redrawn (grid: left out)")
-    patches: str = opt("random", "random | grid: random crops, or the fixed grid of non-overlapping patches (PIUnet)")
+    patches: str = opt("random", "random crops | grid: the non-overlapping patches (PIUnet) | windows: a random crop "
+                                 "in each kept sub-scene window (QA-Net)")
+    window: int = opt(64, "patches=windows: LR window side (TR-MISR's sub-scenes)")
+    window_stride: int = opt(32, "patches=windows: stride between windows")
+    window_min_clear: float = opt(0.85, "patches=windows: a window is kept when the mean of all its quality maps "
+                                        "is at least this")
+    frame_order: str = opt("selection", "order of the selected frames, one rule for training and evaluation: as "
+                                        "selected | shuffled (seeded per scene at evaluation) | clearest_first")
     register: bool = opt(False, "align frames and masks to the clearest frame once per scene (data.register_frames)")
     min_frame_clearance: float = opt(0.0, "select only frames clearer than this (PIUnet: 0.85); train scenes "
                                      "without one are dropped, val/test scenes fall back to their clearest frame")
     repeats: int = opt(1, "random patches drawn per scene per epoch")
+    drop_unclear_eval: bool = opt(False, "also leave out val/select scenes with no frame clearer than "
+                                         "min_frame_clearance (PIUnet's preprocessing); train scenes always are")
     fill_clouds: bool = opt(False, "replace cloudy LR pixels by the median of the clear frames (data.fill_clouds)")
     augment: bool = opt(False, "random flips/90-degree rotations and frame order of training samples")
     num_workers: int = opt(2, "data-loader worker processes (0: load in the main process)")
@@ -93,6 +102,10 @@ class Config:
 
     # --- logging and evaluation --------------------------------------------------------------------
     val_every: int = opt(5, "epochs between validations (and best.pt updates)")
+    select_metric: str = opt("score", "what best.pt is chosen on: score (Kelvin score over the bands trained) | "
+                                      "cpsnr (mean cPSNR)")
+    plan: bool = opt(False, "train.py: print the data, steps, schedule and validation of the run, then exit "
+                            "without training or writing anything")
     log_every: int = opt(10, "optimizer steps between TensorBoard scalars")
     n_images: int = opt(3, "validation scenes shown as comparison panels")
     val_batch_size: int = opt(4, "full scenes per forward pass at validation")
@@ -132,27 +145,36 @@ CHOICES = {
     "lr_unit": ("epoch", "step"),
     "loss": tuple(LOSSES),
     "warmup_loss": ("",) + tuple(LOSSES),
-    "patches": ("random", "grid"),
+    "patches": ("random", "grid", "windows"),
+    "frame_order": ("selection", "shuffled", "clearest_first"),
+    "select_metric": ("score", "cpsnr"),
 }
 
 # Presets: the authors' published recipes, and a demo that runs in minutes on a laptop CPU.
 PRESETS: dict[str, dict] = {
-    # QA-Net (Kim et al.): Adam 1e-4, wd 1e-5, batch 10, 32x32 LR patches, 9 frames drawn with
-    # clearance weights (beta 50), cPSNR loss, MultiStepLR x0.8, clipping 15, 520 epochs.
+    # QA-Net (Kim et al.) as its authors train it: TR-MISR's sub-scenes (the 64x64 LR windows at
+    # stride 32 whose mean quality is at least 0.85), one random 32x32 crop per kept window per epoch,
+    # 9 frames drawn with clearance weights (beta 50) and fed in a random order (at evaluation the
+    # coverage pick in a seeded random order), Adam 1e-4, wd 1e-5, batch 10, cPSNR loss, MultiStepLR
+    # x0.8 at epochs 120-480, clipping 15, 520 epochs.
     "qanet": dict(model="qanet", model_args={}, epochs=520, batch_size=10, lr=1e-4, weight_decay=1e-5,
                   patch_size=32, n_frames=9, train_selection="weighted", val_selection="coverage", beta=50.0,
+                  patches="windows", window=64, window_stride=32, window_min_clear=0.85, frame_order="shuffled",
                   lr_milestones=(120, 220, 300, 360, 400, 440, 480), lr_gamma=0.8, lr_unit="epoch",
                   grad_clip=15.0, loss="cpsnr", warmup_loss="", warmup_epochs=0),
-    # PIUnet (Valsesia & Magli): frames and masks registered to the clearest frame, the 9 clearest of
-    # the frames more than 85% clear (training scenes without one dropped), the fixed grid of
-    # non-overlapping 32x32 patches more than 10% clear, Adam 1e-4, batch 24, lr x0.2 after 150k
-    # iterations, clipping 15, registered L1 for the first epoch, then registered L1-uncertainty,
-    # 750 epochs.
-    "piunet": dict(model="piunet", model_args={}, epochs=750, batch_size=24, lr=1e-4, weight_decay=0.0,
+    # PIUnet (Valsesia & Magli), one model per band (--band=NIR or --band=RED): frames and masks
+    # registered to the clearest frame, the 9 clearest of the frames more than 85% clear (training
+    # scenes without one dropped), the fixed grid of non-overlapping 32x32 patches more than 10%
+    # clear, Adam 1e-4, batch 24, lr x0.2 after 150k iterations (76% of training on NIR), clipping 15,
+    # registered L1 in standardised units for the first epoch, then registered L1-uncertainty, 750
+    # epochs, validated every epoch on the val scenes that have a frame more than 85% clear, best.pt
+    # on the band's cPSNR.
+    "piunet": dict(model="piunet", model_args={}, band="NIR", epochs=750, batch_size=24, lr=1e-4, weight_decay=0.0,
                    patch_size=32, n_frames=9, train_selection="clearest", val_selection="clearest",
                    register=True, min_frame_clearance=0.85, patches="grid", min_clear=0.1,
                    lr_milestones=(150_000,), lr_gamma=0.2, lr_unit="step", grad_clip=15.0,
-                   loss="l1u_reg", warmup_loss="l1_reg", warmup_epochs=1),
+                   loss="l1u_reg", warmup_loss="l1_reg_std", warmup_epochs=1, val_every=1, select_metric="cpsnr",
+                   drop_unclear_eval=True),
     # Synthetic scenes (generated on first use), a small PIUnet that starts from the ESA baseline and
     # learns a residual on it, fed cloud-filled frames, flips/rotations, a moving average of the
     # weights; CPU, under 5 minutes on 2 cores, about 0.9 dB above the ESA baseline. One validation,
@@ -216,14 +238,16 @@ def _check(cfg: Config) -> Config:
         if getattr(cfg, key) not in choices:
             raise ConfigError(f"{key}={getattr(cfg, key)!r}: choose from {', '.join(repr(c) for c in choices)}")
     for key in ("epochs", "batch_size", "accum_steps", "n_frames", "patch_size", "repeats", "val_every",
-                "log_every", "val_batch_size"):
+                "log_every", "val_batch_size", "window", "window_stride"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be at least 1")
     if not 0.0 <= cfg.ema < 1.0:
         raise ConfigError(f"ema={cfg.ema} must lie in [0, 1): the decay of the weights' moving average")
-    for key in ("min_clear", "min_frame_clearance", "select_fraction"):
+    for key in ("min_clear", "min_frame_clearance", "select_fraction", "window_min_clear"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must lie in [0, 1]")
+    if cfg.patches == "windows" and cfg.window < cfg.patch_size:
+        raise ConfigError(f"window={cfg.window} must be at least patch_size={cfg.patch_size} (patches=windows)")
     if cfg.cuda_graphs and cfg.compile:
         raise ConfigError("cuda_graphs=true and compile=true: choose one (compile has its own graph mode)")
     if cfg.cuda_graphs and cfg.device == "cpu":

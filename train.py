@@ -1,6 +1,7 @@
 """Train a registered model (QA-Net, PIUnet, ...) on PROBA-V scenes.
 
     python train.py --preset=demo                       # synthetic scenes, CPU, minutes
+    python train.py --preset=qanet --data_dir=/data/probav --plan   # what a run would do, nothing written
     python train.py --preset=qanet --data_dir=/data/probav --band=NIR
     torchrun --nproc_per_node=4 train.py --preset=piunet --data_dir=/data/probav
 
@@ -24,6 +25,7 @@ from data import DataError, ProbaVDataset, build_dataset, read_norm
 from models import spec_of
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.keeper import CheckpointKeeper
+from utils.plan import format_plan, make_plan
 from utils.runtime import Dist, init_distributed, seed_everything
 from utils.trainer import Trainer, TrainingDiverged, describe
 
@@ -77,6 +79,9 @@ def main(argv: list[str] | None = None) -> Path:
     cfg, ckpt = resolve_config(parse_command(argv))
     if not spec_of(cfg.model).trainable:
         raise ConfigError(f"{cfg.model} has nothing to train; score it with python valid.py --model={cfg.model}")
+    if cfg.plan:  # what the run would do; nothing is trained or written
+        print(format_plan(make_plan(cfg)))
+        return Path(cfg.out_dir)
     dist, device = init_distributed(cfg.device)
     try:
         run, keeper = _train(cfg, ckpt, dist, device)
@@ -98,7 +103,7 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
     norm_file = Path(cfg.data_dir) / "norm.csv"
     norm = read_norm(norm_file) if norm_file.exists() else {}
     trainer = Trainer(cfg, dist, device, ckpt)
-    keeper = CheckpointKeeper(trainer.run, cfg.max_steps, cfg.max_minutes, main=dist.main)
+    keeper = CheckpointKeeper(trainer.run, cfg.max_steps, cfg.max_minutes, main=dist.main, metric=cfg.select_metric)
     writer = open_run(trainer, train_ds, val_ds)
     p, summary = trainer.progress, None
 
@@ -147,9 +152,10 @@ def open_run(trainer: Trainer, train_ds: ProbaVDataset, val_ds: ProbaVDataset):
     print(f"run folder: {run}\n{len(train_ds)} training samples ({len(train_ds.scenes)} scenes), "
           f"{len(val_ds.scenes)} {cfg.split} scenes, {sum(p.numel() for p in trainer.net.parameters()):,} "
           f"parameters, device {trainer.device}, {trainer.dist.world} process(es)")
-    if train_ds.dropped:
-        print(f"{len(train_ds.dropped)} training scene(s) left out, no frame clearer than "
-              f"min_frame_clearance={cfg.min_frame_clearance}: {', '.join(train_ds.dropped)}")
+    for split, ds in (("training", train_ds), (cfg.split, val_ds)):
+        if ds.dropped:
+            print(f"{len(ds.dropped)} {split} scene(s) left out, no frame clearer than "
+                  f"min_frame_clearance={cfg.min_frame_clearance}: {', '.join(ds.dropped)}")
     return SummaryWriter(str(run))
 
 

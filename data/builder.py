@@ -11,7 +11,7 @@ __all__ = ["build_dataset"]
 
 
 def build_dataset(cfg, split: str, band: str | None = None, training: bool = False,
-                  progress: bool = True) -> ProbaVDataset:
+                  progress: bool = True, cache_write: bool = True) -> ProbaVDataset:
     """The scenes of ``split`` prepared as ``cfg`` (a :class:`config.Config`) says.
 
     Args:
@@ -21,12 +21,16 @@ def build_dataset(cfg, split: str, band: str | None = None, training: bool = Fal
         training: training samples (random or grid patches, ``train_selection``, augmentation,
             ``repeats``); otherwise full scenes with ``val_selection`` for scoring and prediction.
         progress: show a progress bar while scenes load.
+        cache_write: write decoded scenes to ``cfg.cache_dir`` (False: read it only).
     """
     common = dict(bands=band or cfg.band, n_frames=cfg.n_frames, seed=cfg.seed, cache_dir=cfg.cache_dir or None,
                   val_fraction=cfg.val_fraction, select_fraction=cfg.select_fraction, progress=progress,
-                  fill_clouds=cfg.fill_clouds, register=cfg.register, min_frame_clearance=cfg.min_frame_clearance)
+                  fill_clouds=cfg.fill_clouds, register=cfg.register, min_frame_clearance=cfg.min_frame_clearance,
+                  frame_order=cfg.frame_order, cache_write=cache_write)
     if not training:
-        return ProbaVDataset(cfg.data_dir, split, selection=cfg.val_selection, **common)
+        return ProbaVDataset(cfg.data_dir, split, selection=cfg.val_selection, drop_unclear=cfg.drop_unclear_eval,
+                             **common)
     return ProbaVDataset(cfg.data_dir, split, selection=cfg.train_selection, patch_size=cfg.patch_size,
                          min_clear=cfg.min_clear, beta=cfg.beta, repeats=cfg.repeats, patches=cfg.patches,
-                         augment=cfg.augment, **common)
+                         augment=cfg.augment, window=cfg.window, window_stride=cfg.window_stride,
+                         window_min_clear=cfg.window_min_clear, **common)

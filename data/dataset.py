@@ -31,11 +31,13 @@ from .io import BANDS, SCALE, DataError, DatasetNotFoundError, list_scenes, read
 from .registration import REGISTRATION_VERSION, register_frames
 
 __all__ = ["ProbaVDataset", "augment_sample", "fill_clouds", "split_scenes", "select_frames", "scene_signature",
-           "load_scene_cached", "VAL_FRACTION", "VAL_SEED", "SELECTIONS"]
+           "load_scene_cached", "VAL_FRACTION", "VAL_SEED", "SELECTIONS", "PATCHES", "FRAME_ORDERS"]
 
 VAL_FRACTION = 0.1  # share of train/ scenes held out per band when the root has no val/
 VAL_SEED = 0  # the carve is a seeded permutation of the sorted scene names: the same on every machine
 SELECTIONS = ("clearest", "weighted", "coverage", "all")
+PATCHES = ("random", "grid", "windows")
+FRAME_ORDERS = ("selection", "shuffled", "clearest_first")
 
 
 def _carve(scenes: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -97,7 +99,7 @@ def _decode(path: Path, register: bool) -> dict:
     return scene
 
 
-def load_scene_cached(path: Path, cache_dir: Path | None, register: bool = False) -> dict:
+def load_scene_cached(path: Path, cache_dir: Path | None, register: bool = False, write: bool = True) -> dict:
     """:func:`data.io.read_scene` plus ``clearance`` (``(T,)`` float64), through the disk cache.
 
     With ``register``, the frames and masks are aligned to the clearest frame
@@ -105,6 +107,7 @@ def load_scene_cached(path: Path, cache_dir: Path | None, register: bool = False
     The cache file is keyed by the scene's path and by whether and how frames are registered
     (:data:`data.registration.REGISTRATION_VERSION`), and holds the signature of the scene's files:
     a changed, added or removed PNG makes the entry stale and the scene is decoded again.
+    ``write=False`` reads the cache but never writes it (``train.py --plan`` writes nothing).
     """
     path = Path(path)
     if cache_dir is None:
@@ -126,6 +129,8 @@ def load_scene_cached(path: Path, cache_dir: Path | None, register: bool = False
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache entry is rebuilt below
     scene = _decode(path, register)
+    if not write:
+        return scene
     empty = np.zeros((0,), np.uint8)
     extra = {"shifts": scene["shifts"]} if register else {}
     with atomic_path(cfile) as tmp:  # a concurrent reader sees the old entry or the new one
@@ -264,6 +269,7 @@ class ProbaVDataset(Dataset):
         select_fraction: the carve of ``select`` (checkpoint selection) from ``train`` (see
             :func:`split_scenes`); ``train`` then leaves those scenes out.
         progress: show a tqdm bar while scenes load.
+        cache_write: write decoded scenes into ``cache_dir`` (False: only read what is there).
         repeats: the dataset lists every scene this many times (several random patches per scene
             and epoch); item ``i`` is scene ``i % n_scenes``.
         fill_clouds: replace every cloudy LR pixel (QM 0) by the median of that pixel's clear
@@ -273,13 +279,25 @@ class ProbaVDataset(Dataset):
             (:func:`data.registration.register_frames`; cached with the scene).
         min_frame_clearance: frames must be clearer than this to be selected (see
             :func:`select_frames`); a ``train`` scene with no such frame is dropped (``dropped``
-            lists them), a ``val``/``test`` scene falls back to its clearest frame.
+            lists them), a ``val``/``test`` scene falls back to its clearest frame, unless
+            ``drop_unclear`` leaves such scenes of any split out too (PIUnet's preprocessing).
         augment: for training samples, a random flip/rotation by multiples of 90 degrees (the same
             for frames, masks and target: a x3 upscaling commutes with them exactly) and a random
             order of the selected frames (see :func:`augment_sample`).
-        patches: ``"random"`` crops (redrawn until ``min_clear`` holds) or ``"grid"``: the fixed
+        patches: ``"random"`` crops (redrawn until ``min_clear`` holds); ``"grid"``: the fixed
             grid of non-overlapping patches whose HR clear fraction is at least ``min_clear``
-            (PIUnet's authors); an epoch then visits every grid patch ``repeats`` times.
+            (PIUnet's authors); ``"windows"``: TR-MISR's sub-scenes, on which QA-Net's authors train:
+            the LR windows of side ``window`` at stride ``window_stride`` where the mean of all the
+            scene's quality maps is at least ``window_min_clear``, each giving one random crop per
+            visit (frames drawn on the window's own clearance). ``grid`` and ``windows`` epochs visit
+            every patch or window ``repeats`` times.
+        window, window_stride, window_min_clear: the ``"windows"`` sub-scenes (64, 32, 0.85: the
+            3x3 windows at offsets 0/32/64 of a 128x128 scene).
+        frame_order: the order the selected frames are fed in. ``"selection"``: as
+            :func:`select_frames` gives them; ``"shuffled"``: a random order, drawn per training
+            sample and, for full scenes, fixed per scene by the seed (QA-Net's authors shuffle both);
+            ``"clearest_first"``: by decreasing clearance. One rule for training and evaluation
+            matters for models that depend on the frame order (QA-Net's per-position BatchNorms).
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", bands: str | tuple = "all",
@@ -288,7 +306,9 @@ class ProbaVDataset(Dataset):
                  cache_dir: str | os.PathLike | None = None, val_fraction: float = VAL_FRACTION,
                  progress: bool = True, repeats: int = 1, fill_clouds: bool = False,
                  register: bool = False, min_frame_clearance: float = 0.0, patches: str = "random",
-                 augment: bool = False, select_fraction: float = 0.0):
+                 augment: bool = False, select_fraction: float = 0.0, window: int = 64, window_stride: int = 32,
+                 window_min_clear: float = 0.85, frame_order: str = "selection", cache_write: bool = True,
+                 drop_unclear: bool = False):
         root = Path(root)
         if not root.is_dir():
             # the same message as the reader's: how to get the data, how to run the demo
@@ -301,8 +321,12 @@ class ProbaVDataset(Dataset):
         self.min_clear, self.beta, self.seed, self.epoch = min_clear, beta, seed, 0
         if repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {repeats}")
-        if patches not in ("random", "grid"):
-            raise ValueError(f"patches must be 'random' or 'grid', got {patches!r}")
+        if patches not in PATCHES:
+            raise ValueError(f"patches must be one of {', '.join(PATCHES)}, got {patches!r}")
+        if frame_order not in FRAME_ORDERS:
+            raise ValueError(f"frame_order must be one of {', '.join(FRAME_ORDERS)}, got {frame_order!r}")
+        self.frame_order, self.window, self.window_stride = frame_order, window, window_stride
+        self.window_min_clear = window_min_clear
         self.repeats, self.fill_clouds, self.min_frame_clearance = repeats, fill_clouds, min_frame_clearance
         self.augment = augment
         paths = [p for b in bands for p in split_scenes(root, split, b, val_fraction, VAL_SEED, select_fraction)]
@@ -310,13 +334,13 @@ class ProbaVDataset(Dataset):
             raise DatasetNotFoundError(f"{root}: no scene in split {split!r} for bands {bands}")
         cache = Path(cache_dir) if cache_dir is not None else None
         it = tqdm(paths, desc=f"loading {split} scenes", disable=not progress, leave=False)
-        self.scenes = [load_scene_cached(p, cache, register) for p in it]
+        self.scenes = [load_scene_cached(p, cache, register, cache_write) for p in it]
         if split != "test":
             for s, p in zip(self.scenes, paths, strict=True):
                 if s["hr"] is None:
                     raise DataError(f"{p / 'HR.png'}: missing in a {split} scene")
-        self.dropped: list[str] = []  # "BAND/imgsetNNNN" of train scenes without a clear-enough frame
-        if split == "train" and min_frame_clearance > 0:
+        self.dropped: list[str] = []  # "BAND/imgsetNNNN" of scenes left out: no clear-enough frame
+        if min_frame_clearance > 0 and (split == "train" or drop_unclear):
             self.dropped = [f"{s['band']}/{s['name']}" for s in self.scenes
                             if s["clearance"].max() <= min_frame_clearance]
             self.scenes = [s for s in self.scenes if s["clearance"].max() > min_frame_clearance]
@@ -325,7 +349,14 @@ class ProbaVDataset(Dataset):
                                 f"{min_frame_clearance:.0%} clear pixels (min_frame_clearance)")
         self.keys = [(s["band"], s["name"]) for s in self.scenes]  # (band, name) of every scene, in order
         self._fixed_frames: dict[int, np.ndarray] = {}
-        self._grid = self._grid_patches() if patches == "grid" and patch_size is not None else None
+        # the fixed list of (scene, y, x) regions an epoch visits (None: one random crop per scene)
+        self._regions, self._region_size = None, patch_size
+        if patch_size is not None and patches == "grid":
+            self._regions = self._grid_patches()
+        elif patch_size is not None and patches == "windows":
+            if window < patch_size:
+                raise ValueError(f"window={window} is smaller than patch_size={patch_size}")
+            self._regions, self._region_size = self._kept_windows(), window
 
     def _grid_patches(self) -> list[tuple[int, int, int]]:
         """``(scene index, y, x)`` of the non-overlapping LR patches with enough clear HR pixels."""
@@ -342,8 +373,23 @@ class ProbaVDataset(Dataset):
                             f"scenes has an HR clear fraction of at least min_clear={self.min_clear}")
         return out
 
+    def _kept_windows(self) -> list[tuple[int, int, int]]:
+        """``(scene index, y, x)`` of the LR windows whose mean quality (over all the scene's frames)
+        is at least ``window_min_clear``."""
+        w, st, out = self.window, self.window_stride, []
+        for i, s in enumerate(self.scenes):
+            size = s["qm"].shape[-1]
+            for y in range(0, size - w + 1, st):
+                for x in range(0, size - w + 1, st):
+                    if s["qm"][:, y:y + w, x:x + w].mean() >= self.window_min_clear:
+                        out.append((i, y, x))
+        if not out:
+            raise DataError(f"{self.root}: no {w}x{w} window of the {self.split} scenes has a mean quality of at "
+                            f"least window_min_clear={self.window_min_clear}")
+        return out
+
     def __len__(self) -> int:
-        return (len(self._grid) if self._grid is not None else len(self.scenes)) * self.repeats
+        return (len(self._regions) if self._regions is not None else len(self.scenes)) * self.repeats
 
     def set_epoch(self, epoch: int) -> None:
         """Make random draws depend on the epoch (call before each training epoch)."""
@@ -352,8 +398,23 @@ class ProbaVDataset(Dataset):
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, index])
 
-    def frames_for(self, index: int, rng: np.random.Generator) -> np.ndarray:
+    def frames_for(self, index: int, rng: np.random.Generator, window: tuple[int, int] | None = None) -> np.ndarray:
+        """The frames of scene ``index`` (see :func:`select_frames`), in the order they are fed
+        (``frame_order``); ``window`` ``(y, x)``: weighted draws use that window's clearance."""
+        idx = self._select(index, rng, window)
+        if self.frame_order == "shuffled":
+            return rng.permutation(idx)
+        if self.frame_order == "clearest_first":
+            return idx[np.argsort(-self.scenes[index]["clearance"][idx], kind="stable")]
+        return idx
+
+    def _select(self, index: int, rng: np.random.Generator, window: tuple[int, int] | None) -> np.ndarray:
         s = self.scenes[index]
+        if window is not None and self.selection == "weighted":
+            (y, x), w = window, self.window
+            return select_frames(s["qm"], self.n_frames, self.selection, rng, beta=self.beta,
+                                 clearance=s["qm"][:, y:y + w, x:x + w].mean((1, 2)),
+                                 min_clearance=self.min_frame_clearance)
         if self.selection in ("clearest", "coverage", "all"):  # deterministic: computed once
             if index not in self._fixed_frames:
                 self._fixed_frames[index] = select_frames(
@@ -363,12 +424,13 @@ class ProbaVDataset(Dataset):
         return select_frames(s["qm"], self.n_frames, self.selection, rng, sm=s["sm"], beta=self.beta,
                              clearance=s["clearance"], min_clearance=self.min_frame_clearance)
 
-    def _random_patch(self, sm: np.ndarray | None, size: int, rng: np.random.Generator) -> tuple[int, int]:
-        """A random LR patch corner, redrawn (up to 50 times) until its HR clear fraction is at least
-        ``min_clear``."""
+    def _random_patch(self, sm: np.ndarray | None, size: int, rng: np.random.Generator,
+                      origin: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+        """A random LR patch corner in the ``size`` square at ``origin``, redrawn (up to 50 times)
+        until its HR clear fraction is at least ``min_clear``."""
         p = self.patch_size
         for _ in range(50):
-            y, x = rng.integers(0, size - p + 1, size=2)
+            y, x = rng.integers(0, size - p + 1, size=2) + np.asarray(origin)
             hsm = _hr_window(sm, y, x, p)
             if hsm is None or self.min_clear <= 0 or hsm.mean() >= self.min_clear:
                 break
@@ -377,20 +439,24 @@ class ProbaVDataset(Dataset):
     def __getitem__(self, item: int) -> dict:
         if not 0 <= item < len(self):
             raise IndexError(f"item {item} out of range for {len(self)} samples")
-        if self._grid is not None:
-            index, y, x = self._grid[item % len(self._grid)]
+        region = None
+        if self._regions is not None:
+            index, y, x = self._regions[item % len(self._regions)]
+            region = (y, x)
         else:
             index = item % len(self.scenes)
         s = self.scenes[index]
         rng = self._rng(item)
-        idx = self.frames_for(index, rng)
+        idx = self.frames_for(index, rng, region if self._region_size != self.patch_size else None)
         lr, qm, hr, sm = s["lr"][idx], s["qm"][idx], s["hr"], s["sm"]
         if self.patch_size is not None:
             p = self.patch_size
             if p > lr.shape[-1]:
                 raise ValueError(f"patch_size={p} exceeds the LR size {lr.shape[-1]}")
-            if self._grid is None:
+            if region is None:
                 y, x = self._random_patch(sm, lr.shape[-1], rng)
+            elif self._region_size > p:  # a window: a random crop inside it
+                y, x = self._random_patch(sm, self._region_size, rng, region)
             lr, qm = lr[:, y:y + p, x:x + p], qm[:, y:y + p, x:x + p]
             hr, sm = _hr_window(hr, y, x, p), _hr_window(sm, y, x, p)
         if self.augment:

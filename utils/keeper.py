@@ -28,10 +28,11 @@ from .checkpoint import save_checkpoint
 __all__ = ["CheckpointKeeper", "criterion"]
 
 
-def criterion(summary: dict) -> float:
-    """Lower is better: the Kelvin score, or minus the cPSNR where norm.csv lacks the scenes."""
+def criterion(summary: dict, metric: str = "score") -> float:
+    """Lower is better: the Kelvin score (``metric="score"``; minus the cPSNR where norm.csv lacks the
+    scenes), or minus the mean cPSNR (``metric="cpsnr"``), over all the bands of ``summary``."""
     s = summary["all"]
-    return -s["cpsnr"] if math.isnan(s["score"]) else s["score"]
+    return -s["cpsnr"] if metric == "cpsnr" or math.isnan(s["score"]) else s["score"]
 
 
 class CheckpointKeeper:
@@ -42,10 +43,12 @@ class CheckpointKeeper:
         max_steps: stop after this many optimizer steps (0: no limit).
         max_minutes: stop after this many minutes of training, counted from construction (0: none).
         main: whether this process writes (rank 0).
+        metric: what ``best.pt`` is chosen on (:func:`criterion`).
     """
 
-    def __init__(self, run: Path, max_steps: int = 0, max_minutes: float = 0.0, main: bool = True):
-        self.dir = Path(run) / "checkpoints"
+    def __init__(self, run: Path, max_steps: int = 0, max_minutes: float = 0.0, main: bool = True,
+                 metric: str = "score"):
+        self.dir, self.metric = Path(run) / "checkpoints", metric
         self.max_steps, self.max_minutes, self.main = max_steps, max_minutes, main
         self.started = time.monotonic()  # a resumed run gets a new time budget
         self.stop_requested = False  # Ctrl-C on this process
@@ -99,7 +102,7 @@ class CheckpointKeeper:
     def consider(self, summary: dict, trainer) -> bool:
         """Keep ``best.pt`` when ``summary`` (of the scenes that choose) beats ``trainer.progress.best``;
         returns whether it did. The new best is recorded in the progress, which ``last.pt`` stores."""
-        score = criterion(summary)
+        score = criterion(summary, self.metric)
         if not score < trainer.progress.best:
             return False
         trainer.progress.best = score

@@ -9,7 +9,9 @@ a batch with none of them gives a zero loss that still depends on the graph (so 
   patch over its clear pixels, without the shift search. ``cpsnr_shift``: the same with the
   49-offset search of the official metric (the SR patch is cropped by 3 pixels).
 - ``l1_reg``: PIUnet's registered L1, the minimum over the 49 offsets of the brightness-corrected
-  mean absolute error over the clear pixels.
+  mean absolute error over the clear pixels. ``l1_reg_std``: the same in the authors' standardised
+  units (x 65535 / 2353.0723 = 27.85): the loss PIUnet's authors train their first epoch with. Adam
+  is nearly invariant to the scale, but gradient clipping (15) acts 27.85x sooner on it.
 - ``l1u_reg``: PIUnet's registered L1-uncertainty loss, the minimum over the offsets of the mean
   of ``s + |y - mu - b| exp(-s)`` over the clear pixels, ``s`` the predicted Laplace log-scale.
   In [0,1] units it differs from the authors' standardised-unit loss by a constant only.
@@ -158,6 +160,8 @@ LOSSES: dict[str, LossSpec] = {
     "cpsnr_shift": LossSpec(lambda out, hr, m: cpsnr_loss(_sr(out), hr, m, shift=True)),
     "cpsnr_original": LossSpec(lambda out, hr, m: qanet_released_loss(_sr(out), hr, m)),
     "l1_reg": LossSpec(lambda out, hr, m: registered_l1(_sr(out), hr, m)),
+    # PIUnet's first epoch as its authors compute it: the registered L1 in their standardised units
+    "l1_reg_std": LossSpec(lambda out, hr, m: registered_l1(_sr(out), hr, m) * (65535.0 / RAW_STD)),
     "l1u_reg": LossSpec(lambda out, hr, m: registered_l1_uncertainty(_sr(out), _log_scale(out), hr, m),
                         uses_uncertainty=True),
     "l1u_reg_original": LossSpec(
