@@ -6,7 +6,10 @@
 
 Writes ``out_dir/per_scene.csv`` (``scene,band,cpsnr,cssim,norm,score``; scenes whose status map
 has no clear pixel are listed with empty metrics and left out of every mean) and
-``out_dir/summary.json``, and prints per-band means and the overall Kelvin score. Without
+``out_dir/summary.json``, and prints per-band means and the overall Kelvin score. For a model with an
+uncertainty output (PIUnet) it also evaluates the predicted Laplace scale against the registered
+error on the clear pixels (Spearman per scene, a calibration table by decile of predicted scale:
+``summary.json["uncertainty"]``) and draws ``out_dir/reliability.png``. Without
 ``--data_dir`` the data directory recorded in the checkpoint is used. Options: ``config.py``.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from utils.checkpoint import CheckpointError, load_for_eval
 from utils.evaluate import evaluate, summarize, to_uint16
 from utils.files import atomic_path
 from utils.runtime import open_device
+from utils.uncertainty import UncertaintyReport, format_table, reliability_plot
 
 HEADER = ["scene", "band", "cpsnr", "cssim", "norm", "score"]
 
@@ -52,16 +56,25 @@ def main(argv: list[str] | None = None) -> dict:
     norm = read_norm(norm_file) if norm_file.exists() else {}
     out.mkdir(parents=True, exist_ok=True)
 
-    def save_png(batch: dict, result: dict) -> None:
-        for i, (name, band) in enumerate(zip(batch["name"], batch["band"], strict=True)):
-            (out / "sr" / band).mkdir(parents=True, exist_ok=True)
-            write_png(out / "sr" / band / f"{name}.png", to_uint16(result["sr"][i]))
+    uncertainty = UncertaintyReport() if spec_of(model).uncertainty else None
 
-    records = evaluate(model, ds, device, norm, cfg.amp, cfg.val_batch_size, cfg.ensemble,
-                       on_batch=save_png if cfg.save_png else None)
+    def on_batch(batch: dict, result: dict) -> None:
+        if uncertainty is not None:  # the predicted scale against the error the metric sees
+            uncertainty.add_batch(batch["name"], batch["band"], result["sr"], result["log_scale"], batch["hr"],
+                                  batch["hr_mask"])
+        for i, (name, band) in enumerate(zip(batch["name"], batch["band"], strict=True)):
+            if cfg.save_png:
+                (out / "sr" / band).mkdir(parents=True, exist_ok=True)
+                write_png(out / "sr" / band / f"{name}.png", to_uint16(result["sr"][i]))
+
+    records = evaluate(model, ds, device, norm, cfg.amp, cfg.val_batch_size, cfg.ensemble, on_batch=on_batch)
     summary = summarize(records)
     write_csv(out / "per_scene.csv", records)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    extra = {}
+    if uncertainty is not None:
+        extra["uncertainty"] = uncertainty.to_dict()
+        reliability_plot(uncertainty, out / "reliability.png")
+    (out / "summary.json").write_text(json.dumps({**summary, **extra}, indent=2) + "\n")
     what = f"checkpoint {cfg.checkpoint}" if spec_of(model).trainable else spec_of(model).title
     print(f"{what} on {cfg.data_dir} ({cfg.split}{', self-ensemble' if cfg.ensemble else ''}):")
     for band, s in summary.items():
@@ -71,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  skipped (no clear HR pixel): {', '.join(summary['all']['skipped'])}")
     print(f"Kelvin score: {summary['all']['score']:.5f} (lower is better; the ESA baseline scores 1)\n"
           f"per-scene results: {out / 'per_scene.csv'}")
+    if uncertainty is not None:
+        print(f"\n{format_table(extra['uncertainty'])}\nreliability plot: {out / 'reliability.png'}")
     return summary
 
 

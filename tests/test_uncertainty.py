@@ -247,3 +247,52 @@ def test_import_does_not_load_matplotlib():
     code = "import sys, utils.uncertainty; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_valid_reports_the_uncertainty_of_a_tiny_piunet(synthetic_root, tmp_path, capsys):
+    """valid.py on a tiny PIUnet: per-scene Spearman and the decile table of summary.json agree with
+    the NumPy computation on the model's own outputs; the plot is written; the baseline adds nothing."""
+    import valid
+    from config import parse_args
+    from data import build_dataset
+    from models import build_model
+    from utils.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = parse_args(["--preset=piunet", f"--data_dir={synthetic_root}", f"--cache_dir={tmp_path / 'c'}",
+                      "--band=all", "--device=cpu", '--model_args={"n_feats": 8, "n_tefa": 1, "r_bneck": 4}'])
+    model = build_model("piunet", **cfg.model_args).eval()
+    with torch.no_grad():  # random BatchNorm statistics, so the scale varies over the image
+        for name, buf in model.named_buffers():
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint(ckpt, model=model, config=cfg.to_dict())
+    valid.main([f"--checkpoint={ckpt}", f"--out_dir={tmp_path / 'v'}", "--device=cpu"])
+    summary = json.loads((tmp_path / "v" / "summary.json").read_text())["uncertainty"]
+    assert (tmp_path / "v" / "reliability.png").stat().st_size > 1000
+    assert "calibration by quantile bin" in capsys.readouterr().out
+
+    ds = build_dataset(cfg, "val", progress=False)
+    pooled_e, pooled_s = [], []
+    for i in range(len(ds)):
+        s = ds[i]
+        with torch.no_grad():
+            out = model.super_resolve(s["lr"][None], s["lr_mask"][None])
+        sr, log_scale = out["sr"].clamp(0, 1)[0, 0].double().numpy(), out["log_scale"][0, 0].double().numpy()
+        err, scale, _, _ = _direct(sr, log_scale, s["hr"][0].double().numpy(), s["hr_mask"][0].numpy() > 0.5)
+        row = next(r for r in summary["scenes"] if r["scene"] == s["name"])
+        assert row["spearman"] == pytest.approx(np.corrcoef(_avg_ranks(scale), _avg_ranks(err))[0, 1], abs=1e-6)
+        assert row["mean_error"] == pytest.approx(err.mean(), rel=1e-4)
+        pooled_e.append(err)
+        pooled_s.append(scale)
+    want = _numpy_calibration(np.concatenate(pooled_e).astype(np.float32), np.concatenate(pooled_s).astype(np.float32))
+    got = summary["bands"]["all"]["calibration"]
+    for row, (n, ms, me) in zip(got, want, strict=True):  # float32 pixels: a few may change bin at an edge
+        assert row["n"] == pytest.approx(n, rel=1e-3) and row["mean_scale"] == pytest.approx(ms, rel=1e-3)
+        assert row["mean_error"] == pytest.approx(me, rel=1e-3)
+
+    valid.main(["--model=baseline", f"--data_dir={synthetic_root}", f"--cache_dir={tmp_path / 'c'}",
+                f"--out_dir={tmp_path / 'b'}", "--device=cpu"])
+    assert "uncertainty" not in json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert not (tmp_path / "b" / "reliability.png").exists()

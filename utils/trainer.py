@@ -49,6 +49,7 @@ from .runtime import (
     rng_state,
     set_rng_state,
 )
+from .uncertainty import UncertaintyReport, reliability_image
 
 __all__ = ["Trainer", "Progress", "SRModule", "TrainingDiverged", "build_network", "wrap", "validate", "describe",
            "val_indices"]
@@ -320,8 +321,13 @@ def validate(model: nn.Module, ds: ProbaVDataset, cfg: Config, dist: Dist, devic
     indices = val_indices(ds, cfg.val_scenes)
     shown = set(indices[:cfg.n_images]) if tag == "val" else set()
     panels: list[tuple[str, np.ndarray]] = []
+    # the predicted scale against the error (rank 0's share of the scenes under torchrun)
+    uncertainty = UncertaintyReport() if tag == "val" and spec_of(unwrap(model)).uncertainty else None
 
     def on_batch(batch: dict, out: dict) -> None:
+        if uncertainty is not None:
+            uncertainty.add_batch(batch["name"], batch["band"], out["sr"], out["log_scale"], batch["hr"],
+                                  batch["hr_mask"])
         for i, idx in enumerate(batch["index"].tolist()):
             if idx in shown:
                 panels.append((batch["name"][i], _panel(batch, out, i)))
@@ -335,6 +341,11 @@ def validate(model: nn.Module, ds: ProbaVDataset, cfg: Config, dist: Dist, devic
     summary = summarize(records)
     if dist.main and writer is not None:
         _log_validation(summary, panels, epoch, writer, run, tag)
+        if uncertainty is not None and uncertainty.bands():
+            figures = uncertainty.to_dict()
+            writer.add_image(f"{tag}/reliability", reliability_image(figures), epoch, dataformats="HWC")
+            rho = figures["bands"]["all"]["spearman_mean"]
+            writer.add_scalar(f"{tag}/uncertainty_spearman", float("nan") if rho is None else rho, epoch)
     return summary
 
 
