@@ -175,6 +175,13 @@ class Dist:
     world: int = 1
     local_rank: int = 0
 
+    @classmethod
+    def from_env(cls) -> Dist:
+        """This process's place as ``torchrun`` sets it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), before
+        the process group is joined (:func:`init_distributed`)."""
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                   int(os.environ.get("LOCAL_RANK", "0")))
+
     @property
     def main(self) -> bool:
         return self.rank == 0
@@ -207,19 +214,45 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 
     The backend is NCCL for CUDA devices and gloo on CPU; each process uses its local GPU.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = open_device(device_name, local_rank)
-    if world > 1 and not dist.is_initialized():
+    place = Dist.from_env()
+    device = open_device(device_name, place.local_rank)
+    if place.enabled and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank), device
+    return place, device
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`utils.files.atomic_path`: a crash or Ctrl-C while writing leaves
-    the previous file intact."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    the previous file intact; a full disk raises :class:`utils.files.WriteError`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        out = _KeepsWriteErrors(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError as e:
+            if out.error is None:
+                raise
+            raise out.error from e  # the OSError with its errno, which atomic_path reports
+
+
+class _KeepsWriteErrors:
+    """A binary file for ``torch.save`` that keeps the ``OSError`` of a failed write: torch's writer
+    reports it as a RuntimeError without the errno ("unexpected pos ...")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = e
+            raise
