@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 import zlib
 from pathlib import Path
 
@@ -25,13 +26,14 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from utils.files import atomic_path
+from utils.files import WriteError, atomic_path, sweep_temporaries
 
 from .io import BANDS, SCALE, DataError, DatasetNotFoundError, list_scenes, read_scene
 from .registration import REGISTRATION_VERSION, register_frames
 
 __all__ = ["ProbaVDataset", "augment_sample", "fill_clouds", "split_scenes", "select_frames", "scene_signature",
-           "load_scene_cached", "VAL_FRACTION", "VAL_SEED", "SELECTIONS", "PATCHES", "FRAME_ORDERS"]
+           "load_scene_cached", "CacheWarning", "CACHE_VERSION", "VAL_FRACTION", "VAL_SEED", "SELECTIONS",
+           "PATCHES", "FRAME_ORDERS"]
 
 VAL_FRACTION = 0.1  # share of train/ scenes held out per band when the root has no val/
 VAL_SEED = 0  # the carve is a seeded permutation of the sorted scene names: the same on every machine
@@ -99,6 +101,14 @@ def _decode(path: Path, register: bool) -> dict:
     return scene
 
 
+CACHE_VERSION = 1  # the layout of a cache entry; an entry of another version is rebuilt
+_cache_unwritable: set[str] = set()  # cache folders this process could not write to (warned once each)
+
+
+class CacheWarning(UserWarning):
+    """A scene cache entry was unreadable and rebuilt, or the cache cannot be written."""
+
+
 def load_scene_cached(path: Path, cache_dir: Path | None, register: bool = False, write: bool = True) -> dict:
     """:func:`data.io.read_scene` plus ``clearance`` (``(T,)`` float64), through the disk cache.
 
@@ -108,6 +118,12 @@ def load_scene_cached(path: Path, cache_dir: Path | None, register: bool = False
     (:data:`data.registration.REGISTRATION_VERSION`), and holds the signature of the scene's files:
     a changed, added or removed PNG makes the entry stale and the scene is decoded again.
     ``write=False`` reads the cache but never writes it (``train.py --plan`` writes nothing).
+
+    The cache never stops a run: an entry that cannot be read (cut short, garbage, wrong arrays,
+    another :data:`CACHE_VERSION`) is rebuilt from the PNGs with one :class:`CacheWarning` naming
+    it; a cache folder that cannot be written (a full disk, read-only) gets one warning per process
+    and is then only read. Writes are atomic (:class:`ProbaVDataset` removes the temporary files of
+    writers that were killed).
     """
     path = Path(path)
     if cache_dir is None:
@@ -118,26 +134,65 @@ def load_scene_cached(path: Path, cache_dir: Path | None, register: bool = False
     cfile = Path(cache_dir) / key
     if cfile.exists():
         try:
-            with np.load(cfile, allow_pickle=False) as z:
-                if str(z["signature"]) == sig:
-                    scene = {"name": path.name, "band": path.parent.name, "lr": z["lr"], "qm": z["qm"],
-                             "hr": z["hr"] if z["has_hr"] else None, "sm": z["sm"] if z["has_sm"] else None,
-                             "clearance": z["clearance"]}
-                    if register:
-                        scene["shifts"] = z["shifts"]
-                    return scene
-        except (OSError, KeyError, ValueError):
-            pass  # a damaged cache entry is rebuilt below
+            scene = _read_entry(cfile, sig, path, register)
+            if scene is not None:
+                return scene
+        except Exception as e:  # numpy and zipfile raise many types for a damaged file
+            warnings.warn(CacheWarning(f"scene cache entry {cfile} is unreadable ({type(e).__name__}: {e}): "
+                                       f"rebuilding it from the PNGs"), stacklevel=2)
     scene = _decode(path, register)
     if not write:
         return scene
+    if str(cache_dir) not in _cache_unwritable:
+        try:
+            _write_entry(cfile, sig, scene, register)
+        except WriteError as e:
+            _cache_unwritable.add(str(cache_dir))
+            warnings.warn(CacheWarning(f"cannot write the scene cache in {cache_dir} ({e.reason}): going on "
+                                       f"without it (scenes are decoded from their PNGs)"), stacklevel=2)
+    return scene
+
+
+def _read_entry(cfile: Path, sig: str, path: Path, register: bool) -> dict | None:
+    """The scene in cache entry ``cfile``; None when it is stale (``sig`` differs). Raises (any
+    type) when the entry is damaged: unreadable, another version, or arrays of the wrong kind."""
+    with open(cfile, "rb") as f:  # opened here: np.load leaves its own file open when the zip is damaged
+        if f.read(4) != b"PK\x03\x04":  # np.load would try it as a pickle and say so, misleadingly
+            raise ValueError("not an .npz archive")
+        f.seek(0)
+        with np.load(f, allow_pickle=False) as z:
+            version = int(z["version"]) if "version" in z.files else 1  # entries before the field were 1
+            if version != CACHE_VERSION:
+                raise ValueError(f"cache version {version}, this code writes {CACHE_VERSION}")
+            if str(z["signature"]) != sig:
+                return None
+            scene = {"name": path.name, "band": path.parent.name, "lr": z["lr"], "qm": z["qm"],
+                     "hr": z["hr"] if z["has_hr"] else None, "sm": z["sm"] if z["has_sm"] else None,
+                     "clearance": z["clearance"]}
+            if register:
+                scene["shifts"] = z["shifts"]
+    T, h, w = scene["lr"].shape
+    want = {"lr": (np.uint16, (T, h, w)), "qm": (np.bool_, (T, h, w)), "clearance": (np.float64, (T,)),
+            "hr": (np.uint16, (SCALE * h, SCALE * w)), "sm": (np.bool_, (SCALE * h, SCALE * w))}
+    if register:
+        want["shifts"] = (scene["shifts"].dtype, (T, 2))
+    for k, (dtype, shape) in want.items():
+        a = scene[k]
+        if a is not None and (a.dtype != dtype or a.shape != shape):
+            raise ValueError(f"{k} is {a.dtype} {a.shape}, expected {np.dtype(dtype)} {shape}")
+    return scene
+
+
+def _write_entry(cfile: Path, sig: str, scene: dict, register: bool) -> None:
+    """Write a decoded scene as cache entry ``cfile`` (atomic: a concurrent reader sees the old entry
+    or the new one). Raises :class:`utils.files.WriteError` when it cannot."""
     empty = np.zeros((0,), np.uint8)
     extra = {"shifts": scene["shifts"]} if register else {}
-    with atomic_path(cfile) as tmp:  # a concurrent reader sees the old entry or the new one
-        np.savez(tmp, signature=sig, lr=scene["lr"], qm=scene["qm"], clearance=scene["clearance"],
-                 hr=scene["hr"] if scene["hr"] is not None else empty, has_hr=scene["hr"] is not None,
-                 sm=scene["sm"] if scene["sm"] is not None else empty, has_sm=scene["sm"] is not None, **extra)
-    return scene
+    with atomic_path(cfile) as tmp:
+        np.savez(tmp, version=CACHE_VERSION, signature=sig, lr=scene["lr"], qm=scene["qm"],
+                 clearance=scene["clearance"], hr=scene["hr"] if scene["hr"] is not None else empty,
+                 has_hr=scene["hr"] is not None, sm=scene["sm"] if scene["sm"] is not None else empty,
+                 has_sm=scene["sm"] is not None, **extra)
 
 
 def select_frames(qm: np.ndarray, k: int, strategy: str, rng: np.random.Generator | None = None,
@@ -218,7 +273,6 @@ def fill_clouds(lr: np.ndarray, qm: np.ndarray) -> np.ndarray:
     the clear ones (of all frames where no frame is clear at that pixel)."""
     clear = np.where(qm, lr, np.nan)
     with np.errstate(all="ignore"):
-        import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels are handled below
             med = np.nanmedian(clear, axis=0)
@@ -333,6 +387,8 @@ class ProbaVDataset(Dataset):
         if not paths:
             raise DatasetNotFoundError(f"{root}: no scene in split {split!r} for bands {bands}")
         cache = Path(cache_dir) if cache_dir is not None else None
+        if cache is not None:
+            sweep_temporaries(cache)  # what writers killed mid-write left
         it = tqdm(paths, desc=f"loading {split} scenes", disable=not progress, leave=False)
         self.scenes = [load_scene_cached(p, cache, register, cache_write) for p in it]
         if split != "test":

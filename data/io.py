@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from utils.files import atomic_path
+
 __all__ = ["DataError", "DatasetNotFoundError", "read_scene", "read_png", "write_png", "read_norm",
            "list_scenes", "BANDS", "LR_SIZE", "HR_SIZE", "SCALE"]
 
@@ -76,14 +78,14 @@ def read_png(path: str | os.PathLike, kind: str) -> np.ndarray:
 
 
 def write_png(path: str | os.PathLike, arr: np.ndarray) -> None:
-    """Write ``np.uint16 (H,W)`` as a 16-bit PNG or ``np.bool_ (H,W)`` as a 1-bit PNG."""
+    """Write ``np.uint16 (H,W)`` as a 16-bit PNG or ``np.bool_ (H,W)`` as a 1-bit PNG, whole or not at
+    all (:func:`utils.files.atomic_path`; a full disk raises :class:`utils.files.WriteError`)."""
     arr = np.ascontiguousarray(arr)
-    if arr.dtype == np.bool_:
-        Image.fromarray(arr).save(path)  # PIL maps bool arrays to mode "1"
-    elif arr.dtype == np.uint16:
-        Image.fromarray(arr).save(path)  # and uint16 arrays to mode "I;16"
-    else:
+    if arr.dtype not in (np.bool_, np.uint16):
         raise TypeError(f"write_png: uint16 or bool expected, got {arr.dtype}")
+    with atomic_path(path) as tmp:
+        # PIL maps bool arrays to mode "1" and uint16 arrays to mode "I;16"
+        Image.fromarray(arr).save(tmp, format="PNG")
 
 
 _FRAME = re.compile(r"^LR(\d+)\.png$")

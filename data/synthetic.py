@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from utils.files import atomic_path
+
 from .io import BANDS, HR_SIZE, LR_SIZE, SCALE, write_png
 
 __all__ = ["make_scene", "write_scene", "generate"]
@@ -131,26 +133,29 @@ def generate(out: str | os.PathLike, n_train: int = 24, n_val: int = 6, n_test: 
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True (--force) to replace it")
         shutil.rmtree(out)
-    norm: dict[str, float] = {}
-    counter = 0
-    for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
-        for band in bands:
-            for _ in range(count):
-                name = f"imgset{counter:04d}"
-                scene = make_scene(seed * 100_003 + counter, n_frames=n_frames, with_hr=split != "test")
-                write_scene(out / split / band / name, scene)
-                if scene["hr"] is not None:
-                    sr = torch.from_numpy(esa_baseline(scene["lr"], scene["qm"]))[None]
-                    hr = torch.from_numpy(scene["hr"] / 65535.0)[None]
-                    norm[name] = float(cpsnr(sr, hr, torch.from_numpy(scene["sm"])[None]).item())
-                else:
-                    norm[name] = float("nan")  # filled in below
-                counter += 1
-    known = [v for v in norm.values() if v == v]
-    fill = float(np.mean(known)) if known else 50.0
-    with open(out / "norm.csv", "w") as f:
-        for name, v in norm.items():
-            f.write(f"{name} {v if v == v else fill!r}\n")
+    # written into a temporary folder renamed at the end: a run stopped midway (a full disk, Ctrl-C)
+    # leaves no half dataset that a later run would take for a whole one
+    with atomic_path(out) as tmp:
+        norm: dict[str, float] = {}
+        counter = 0
+        for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
+            for band in bands:
+                for _ in range(count):
+                    name = f"imgset{counter:04d}"
+                    scene = make_scene(seed * 100_003 + counter, n_frames=n_frames, with_hr=split != "test")
+                    write_scene(tmp / split / band / name, scene)
+                    if scene["hr"] is not None:
+                        sr = torch.from_numpy(esa_baseline(scene["lr"], scene["qm"]))[None]
+                        hr = torch.from_numpy(scene["hr"] / 65535.0)[None]
+                        norm[name] = float(cpsnr(sr, hr, torch.from_numpy(scene["sm"])[None]).item())
+                    else:
+                        norm[name] = float("nan")  # filled in below
+                    counter += 1
+        known = [v for v in norm.values() if v == v]
+        fill = float(np.mean(known)) if known else 50.0
+        with open(tmp / "norm.csv", "w") as f:
+            for name, v in norm.items():
+                f.write(f"{name} {v if v == v else fill!r}\n")
     return out
 
 
