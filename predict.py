@@ -25,7 +25,7 @@ from data import BANDS, DataError, build_dataset
 from models import spec_of
 from utils.checkpoint import CheckpointError, load_for_eval
 from utils.evaluate import iterate, to_uint16
-from utils.files import atomic_path
+from utils.files import WriteError, atomic_path, sweep_temporaries
 from utils.runtime import open_device
 
 EXPECTED_SCENES = 290  # test scenes of the Kelvin competition (NIR and RED)
@@ -85,9 +85,8 @@ def write_zip(target: Path, setups: dict, bands: list[str], out: Path) -> dict[s
                         z.writestr(f"{name}.png", buf.getvalue())
                         expected[name] = img.shape
                         if cfg.export_uncertainty and "log_scale" in result:
-                            (out / "uncertainty").mkdir(exist_ok=True)
-                            np.save(out / "uncertainty" / f"{name}.npy",
-                                    np.exp(result["log_scale"][i, 0].float().cpu().numpy()))
+                            with atomic_path(out / "uncertainty" / f"{name}.npy") as npy:
+                                np.save(npy, np.exp(result["log_scale"][i, 0].float().cpu().numpy()))
         verify_zip(tmp, expected)
     return expected
 
@@ -100,8 +99,9 @@ def main(argv: list[str] | None = None) -> Path:
     if not bands:
         raise ConfigError("no band left to predict: check --band against the checkpoints given")
     out = next(iter(setups.values()))[2]
-    out.mkdir(parents=True, exist_ok=True)
     target = out / "submission.zip"
+    for folder in (out, out / "uncertainty"):
+        sweep_temporaries(folder)  # what a run killed while writing left
     force = any(cfg.force for cfg, _, _ in setups.values())
     if target.exists() and not force:
         raise ConfigError(f"{target} exists; pass --force to replace it (or choose another --out_dir)")
@@ -116,5 +116,5 @@ def main(argv: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, WriteError) as e:
         sys.exit(f"error: {e}")

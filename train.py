@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from config import CommandLine, Config, ConfigError, parse_command
 from data import DataError, ProbaVDataset, build_dataset, read_norm
 from models import spec_of
 from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.files import EventWriter, FolderInUse, WriteError, atomic_write_text, folder_lock, sweep_temporaries
 from utils.keeper import CheckpointKeeper
 from utils.plan import format_plan, make_plan
 from utils.runtime import Dist, init_distributed, seed_everything
@@ -51,20 +53,24 @@ def datasets(cfg: Config, progress: bool) -> tuple[ProbaVDataset, ProbaVDataset,
     return train, build_dataset(cfg, cfg.split, progress=progress), select
 
 
-def resolve_config(command: CommandLine) -> tuple[Config, dict | None]:
+def run_folder(cfg: Config) -> Path:
+    """The run folder: ``out_dir``, or for a new run without one ``results/<preset>-<band>-<time>``."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    if cfg.resume:
+        raise ConfigError("--resume needs the run folder: --out_dir=results/<run>")
+    return Path("results") / f"{cfg.preset}-{cfg.band}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_config(command: CommandLine, run: Path) -> tuple[Config, dict | None]:
     """The run's config and, with ``--resume``, the checkpoint to continue from."""
-    cfg = command.config
+    cfg = command.config if command.config.out_dir else command.config.replace(out_dir=str(run))
+    last = run / "checkpoints" / "last.pt"
     if not cfg.resume:
-        if not cfg.out_dir:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            cfg = cfg.replace(out_dir=str(Path("results") / f"{cfg.preset}-{cfg.band}-{stamp}"))
-        last = Path(cfg.out_dir) / "checkpoints" / "last.pt"
         if last.exists():
             raise ConfigError(f"{last} exists: continue that run with --resume, or choose another --out_dir")
         return cfg, None
-    if not cfg.out_dir:
-        raise ConfigError("--resume needs the run folder: --out_dir=results/<run>")
-    ckpt = load_checkpoint(Path(cfg.out_dir) / "checkpoints" / "last.pt")
+    ckpt = load_checkpoint(last)
     base = Config.from_dict(ckpt["config"])
     # the run's own config, changed only where the command line says so (e.g. more epochs)
     cfg = command.onto(base, resume=True, out_dir=cfg.out_dir)
@@ -75,19 +81,26 @@ def resolve_config(command: CommandLine) -> tuple[Config, dict | None]:
 
 def main(argv: list[str] | None = None) -> Path:
     """Train as the command line (``sys.argv[1:]`` when None) says; returns the run folder. A run
-    stopped by Ctrl-C saves ``last.pt`` and ends the process with status 130."""
-    cfg, ckpt = resolve_config(parse_command(argv))
-    if not spec_of(cfg.model).trainable:
-        raise ConfigError(f"{cfg.model} has nothing to train; score it with python valid.py --model={cfg.model}")
-    if cfg.plan:  # what the run would do; nothing is trained or written
+    stopped by Ctrl-C saves ``last.pt`` and ends the process with status 130. The run folder is
+    locked for the whole run (by rank 0): a second run into it is refused (:class:`FolderInUse`).
+    ``--plan`` prints what the run would do and returns, without locking or writing anything."""
+    command = parse_command(argv)
+    run = run_folder(command.config)
+    if not spec_of(command.config.model).trainable:
+        raise ConfigError(f"{command.config.model} has nothing to train; score it with python valid.py "
+                          f"--model={command.config.model}")
+    if command.config.plan:
+        cfg, _ = resolve_config(command, run)
         print(format_plan(make_plan(cfg)))
-        return Path(cfg.out_dir)
-    dist, device = init_distributed(cfg.device)
-    try:
-        run, keeper = _train(cfg, ckpt, dist, device)
-    finally:
-        if dist.enabled:
-            torch.distributed.destroy_process_group()
+        return run
+    with folder_lock(run) if Dist.from_env().main else nullcontext():
+        cfg, ckpt = resolve_config(command, run)
+        dist, device = init_distributed(cfg.device)
+        try:
+            run, keeper = _train(cfg, ckpt, dist, device)
+        finally:
+            if dist.enabled:
+                torch.distributed.destroy_process_group()
     if keeper.interrupted:
         raise SystemExit(INTERRUPTED)
     return run
@@ -104,7 +117,6 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
     norm = read_norm(norm_file) if norm_file.exists() else {}
     trainer = Trainer(cfg, dist, device, ckpt)
     keeper = CheckpointKeeper(trainer.run, cfg.max_steps, cfg.max_minutes, main=dist.main, metric=cfg.select_metric)
-    writer = open_run(trainer, train_ds, val_ds)
     p, summary = trainer.progress, None
 
     def validate_and_keep() -> dict:
@@ -112,43 +124,41 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
         keeper.consider(chooser, trainer)
         return summary
 
-    try:
-        with keeper.catch_interrupt():
-            while p.epoch < cfg.epochs and not keeper.should_stop(p.step):
-                if not trainer.train_epoch(train_ds, writer, keeper):
-                    break  # stopped mid-epoch: Ctrl-C, max_steps or max_minutes
-                if p.epoch % cfg.val_every == 0 or p.epoch == cfg.epochs:
-                    summary = validate_and_keep()
-                    if dist.main:
-                        tqdm.write(f"epoch {p.epoch}: {describe(summary)}")
-                keeper.save_last(trainer)
-            if keeper.interrupted:
-                keeper.save_last(trainer)
-                if dist.main:
-                    print(f"\ninterrupted: saved {keeper.last} (epoch {p.epoch + 1}, step {p.step}); "
-                          f"continue with: python train.py --out_dir={trainer.run} --resume")
-                return trainer.run, keeper
-            if p.step_in_epoch or summary is None:  # stopped early: save, then score what we have
-                keeper.save_last(trainer)
+    # a write that cannot complete (a full disk) ends the run saying which last.pt is intact
+    with keeper.explain_write_errors(), open_run(trainer, train_ds, val_ds) as writer, keeper.catch_interrupt():
+        while p.epoch < cfg.epochs and not keeper.should_stop(p.step):
+            if not trainer.train_epoch(train_ds, writer, keeper):
+                break  # stopped mid-epoch: Ctrl-C, max_steps or max_minutes
+            if p.epoch % cfg.val_every == 0 or p.epoch == cfg.epochs:
                 summary = validate_and_keep()
-                keeper.save_last(trainer)
-    finally:
-        if writer is not None:
-            writer.close()
+                if dist.main:
+                    tqdm.write(f"epoch {p.epoch}: {describe(summary)}")
+            keeper.save_last(trainer)
+        if keeper.interrupted:
+            keeper.save_last(trainer)
+            if dist.main:
+                print(f"\ninterrupted: saved {keeper.last} (epoch {p.epoch + 1}, step {p.step}); "
+                      f"continue with: python train.py --out_dir={trainer.run} --resume")
+            return trainer.run, keeper
+        if p.step_in_epoch or summary is None:  # stopped early: save, then score what we have
+            keeper.save_last(trainer)
+            summary = validate_and_keep()
+            keeper.save_last(trainer)
     if dist.main:
         report(trainer.run, summary)
     return trainer.run, keeper
 
 
 def open_run(trainer: Trainer, train_ds: ProbaVDataset, val_ds: ProbaVDataset):
-    """On rank 0: create the run folder, write ``config.json``, print what is trained on; returns
-    the TensorBoard writer (None on other ranks)."""
+    """On rank 0: create the run folder, clear it of temporary files a killed run left, write
+    ``config.json``, print what is trained on; returns the TensorBoard writer as a context manager
+    (an :class:`utils.files.EventWriter`; on other ranks one that gives None)."""
     cfg, run = trainer.cfg, trainer.run
     if not trainer.dist.main:
-        return None
-    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    from torch.utils.tensorboard import SummaryWriter
+        return nullcontext()
+    for folder in (run, run / "checkpoints", run / "images"):
+        sweep_temporaries(folder)
+    atomic_write_text(run / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     print(f"run folder: {run}\n{len(train_ds)} training samples ({len(train_ds.scenes)} scenes), "
           f"{len(val_ds.scenes)} {cfg.split} scenes, {sum(p.numel() for p in trainer.net.parameters()):,} "
           f"parameters, device {trainer.device}, {trainer.dist.world} process(es)")
@@ -156,7 +166,7 @@ def open_run(trainer: Trainer, train_ds: ProbaVDataset, val_ds: ProbaVDataset):
         if ds.dropped:
             print(f"{len(ds.dropped)} {split} scene(s) left out, no frame clearer than "
                   f"min_frame_clearance={cfg.min_frame_clearance}: {', '.join(ds.dropped)}")
-    return SummaryWriter(str(run))
+    return EventWriter(run)
 
 
 def report(run: Path, summary: dict) -> None:
@@ -169,5 +179,5 @@ def report(run: Path, summary: dict) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, WriteError, FolderInUse) as e:
         sys.exit(f"error: {e}")

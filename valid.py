@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 from config import ConfigError, parse_command
-from data import DataError, build_dataset, read_norm, write_png
+from data import BANDS, DataError, build_dataset, read_norm, write_png
 from models import spec_of
 from utils.checkpoint import CheckpointError, load_for_eval
 from utils.evaluate import evaluate, summarize, to_uint16
-from utils.files import atomic_path
+from utils.files import WriteError, atomic_path, atomic_write_text, sweep_temporaries
 from utils.runtime import open_device
 from utils.uncertainty import UncertaintyReport, format_table, reliability_plot
 
@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = open_device(cfg.device)
     model = model.to(device)
     ds = build_dataset(cfg, cfg.split)
+    for folder in (out, *(out / "sr" / band for band in BANDS)):
+        sweep_temporaries(folder)  # what a run killed while writing left
     norm_file = Path(cfg.data_dir) / "norm.csv"
     norm = read_norm(norm_file) if norm_file.exists() else {}
-    out.mkdir(parents=True, exist_ok=True)
 
     uncertainty = UncertaintyReport() if spec_of(model).uncertainty else None
 
@@ -73,8 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     extra = {}
     if uncertainty is not None:
         extra["uncertainty"] = uncertainty.to_dict()
-        reliability_plot(uncertainty, out / "reliability.png")
-    (out / "summary.json").write_text(json.dumps({**summary, **extra}, indent=2) + "\n")
+        with atomic_path(out / "reliability.png") as tmp:
+            reliability_plot(uncertainty, tmp)
+    atomic_write_text(out / "summary.json", json.dumps({**summary, **extra}, indent=2) + "\n")
     what = f"checkpoint {cfg.checkpoint}" if spec_of(model).trainable else spec_of(model).title
     print(f"{what} on {cfg.data_dir} ({cfg.split}{', self-ensemble' if cfg.ensemble else ''}):")
     for band, s in summary.items():
@@ -92,5 +94,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, WriteError) as e:
         sys.exit(f"error: {e}")

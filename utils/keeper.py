@@ -14,16 +14,25 @@
 
 A rule about which checkpoint is kept, or when a run stops, goes here. The keeper never ends the
 process: ``train.py`` reads :attr:`CheckpointKeeper.interrupted` and decides the exit status.
+
+The keeper also knows what survives a write that cannot complete (a full disk, after days of
+training): within :meth:`CheckpointKeeper.explain_write_errors`, a :class:`utils.files.WriteError`
+says which ``last.pt`` is intact and how to continue. Before writing a checkpoint it checks that
+the disk has room for one (the size of the previous one), so a full disk is reported before the
+write starts.
 """
 from __future__ import annotations
 
+import errno
 import math
+import shutil
 import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .files import WriteError
 
 __all__ = ["CheckpointKeeper", "criterion"]
 
@@ -33,6 +42,14 @@ def criterion(summary: dict, metric: str = "score") -> float:
     scenes), or minus the mean cPSNR (``metric="cpsnr"``), over all the bands of ``summary``."""
     s = summary["all"]
     return -s["cpsnr"] if metric == "cpsnr" or math.isnan(s["score"]) else s["score"]
+
+
+def _size(n: int) -> str:
+    """Bytes for people: ``"49 kB"``, ``"3.2 MB"``, ``"1.4 GB"``."""
+    for unit, scale in (("GB", 2**30), ("MB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.0f} kB"
 
 
 class CheckpointKeeper:
@@ -54,6 +71,7 @@ class CheckpointKeeper:
         self.stop_requested = False  # Ctrl-C on this process
         self.interrupted = False  # Ctrl-C on some process (agreed on in the training step)
         self.time_up = False  # max_minutes passed on some process (agreed on in the training step)
+        self.saved: tuple[int, int] | None = None  # (epoch, step) of the last.pt this process wrote
 
     @property
     def last(self) -> Path:
@@ -97,7 +115,8 @@ class CheckpointKeeper:
     def save_last(self, trainer) -> None:
         """Write ``last.pt``: the trainer's full state (:meth:`utils.trainer.Trainer.checkpoint`)."""
         if self.main:
-            save_checkpoint(self.last, **trainer.checkpoint())
+            self._save(self.last, trainer)
+            self.saved = (trainer.progress.epoch, trainer.progress.step)
 
     def consider(self, summary: dict, trainer) -> bool:
         """Keep ``best.pt`` when ``summary`` (of the scenes that choose) beats ``trainer.progress.best``;
@@ -107,5 +126,45 @@ class CheckpointKeeper:
             return False
         trainer.progress.best = score
         if self.main:
-            save_checkpoint(self.best, **trainer.checkpoint())
+            self._save(self.best, trainer)
         return True
+
+    def _save(self, path: Path, trainer) -> None:
+        """Write a checkpoint to ``path`` once the disk has room for it: about the size of the
+        previous ``last.pt`` or ``best.pt`` (the new file is written beside the old one, then
+        renamed). Raises :class:`utils.files.WriteError` when it has not, or the write fails."""
+        sizes = [p.stat().st_size for p in (path, self.last, self.best) if p.is_file()]
+        if sizes:
+            need = int(1.05 * max(sizes)) + 2**16  # a margin for metadata and a grown optimizer state
+            free = shutil.disk_usage(path.parent).free
+            if free < need:
+                raise WriteError(path, f"{_size(free)} free on its disk, a checkpoint needs about {_size(need)}",
+                                 f"the previous {path.name} is intact", errno.ENOSPC)
+        save_checkpoint(path, **trainer.checkpoint())
+
+    # --- writes that cannot complete -----------------------------------------------------------------
+
+    def intact(self, code: int | None = errno.ENOSPC) -> str:
+        """What a run stopped by a failed write (of errno ``code``) still has, and how to continue it."""
+        fix = "free space and" if code in (errno.ENOSPC, errno.EDQUOT) else "once the folder can be written,"
+        resume = f"python train.py --out_dir={self.dir.parent} --resume"
+        saved = self.saved
+        if saved is None and self.last.is_file():
+            try:  # a resumed run that has not saved yet: the checkpoint it started from
+                ckpt = load_checkpoint(self.last)
+                saved = (ckpt["epoch"], ckpt["step"])
+            except (CheckpointError, KeyError):
+                return f"{self.last} is as it was before this write: {fix} continue with {resume}"
+        if saved is None:
+            return f"no last.pt was written yet: {fix} start the run again"
+        return f"the previous last.pt (epoch {saved[0]}, step {saved[1]}) is intact: {fix} continue with {resume}"
+
+    @contextmanager
+    def explain_write_errors(self):
+        """Within the block, a :class:`utils.files.WriteError` (a checkpoint, ``config.json``, a
+        panel, TensorBoard events) is raised again saying which ``last.pt`` survives and how to
+        continue (:meth:`intact`). Other errors pass unchanged."""
+        try:
+            yield
+        except WriteError as e:
+            raise e.with_intact(self.intact(e.code)) from e

@@ -37,6 +37,7 @@ from models import build_model, esa_baseline, model_kwargs, name_of, request_cha
 
 from .checkpoint import model_from_checkpoint, unwrap
 from .evaluate import evaluate, make_panel, summarize
+from .files import atomic_path
 from .keeper import CheckpointKeeper
 from .losses import LOSSES, compute_loss
 from .runtime import (
@@ -358,10 +359,9 @@ def _log_validation(summary: dict, panels: list[tuple[str, np.ndarray]], epoch: 
         for key in ("cpsnr", "cssim", "score"):
             if not math.isnan(s[key]):
                 writer.add_scalar(f"{tag}/{key}{suffix}", s[key], epoch)
-    images = run / "images"
-    images.mkdir(exist_ok=True)
     for name, panel in panels:
-        Image.fromarray(panel).save(images / f"epoch{epoch:04d}_{name}.png")
+        with atomic_path(run / "images" / f"epoch{epoch:04d}_{name}.png") as tmp:  # WriteError on a full disk
+            Image.fromarray(panel).save(tmp, format="PNG")
         writer.add_image(f"val/{name}", panel, epoch, dataformats="HW")
 
 
