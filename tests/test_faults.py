@@ -226,8 +226,9 @@ def _continue_and_compare(runs: dict, run: Path) -> None:
 
 
 def _intact(run: Path) -> str:
-    return (f"the previous last.pt (epoch 1, step 3) is intact: free space and continue with "
-            f"python train.py --out_dir={run} --resume")
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    return (f"the previous last.pt (epoch {ckpt['epoch']}, step {ckpt['step']}) is intact: free space and continue "
+            f"with python train.py --out_dir={run} --resume")
 
 
 @pytest.mark.parametrize("target", ["last.pt", "best.pt", "config.json", "TensorBoard events", "a panel"])
