@@ -2,8 +2,12 @@
 
 A new data option is a :class:`config.Config` field, a :class:`ProbaVDataset` argument, and one line
 here; train.py, validation, valid.py and predict.py all build their scenes through this function.
+What the model itself needs of its data (its padding, its frame order, its authors' view recipe)
+comes from its registry entry (:class:`models.ModelSpec`), not from the config.
 """
 from __future__ import annotations
+
+from models import spec_of
 
 from .dataset import ProbaVDataset
 
@@ -19,18 +23,23 @@ def build_dataset(cfg, split: str, band: str | None = None, training: bool = Fal
         split: ``train``, ``select``, ``val`` or ``test`` (see :func:`data.split_scenes`).
         band: ``NIR``, ``RED`` or ``all``; default ``cfg.band``.
         training: training samples (random or grid patches, ``train_selection``, augmentation,
-            ``repeats``); otherwise full scenes with ``val_selection`` for scoring and prediction.
+            ``repeats``); otherwise full scenes with ``val_selection`` for scoring and prediction, or
+            with the model's authors' view recipe (``spec.views``, ``spec.n_views`` views) where it has one.
         progress: show a progress bar while scenes load.
         cache_write: write decoded scenes to ``cfg.cache_dir`` (False: read it only).
     """
+    spec = spec_of(cfg.model)
     common = dict(bands=band or cfg.band, n_frames=cfg.n_frames, seed=cfg.seed, cache_dir=cfg.cache_dir or None,
                   val_fraction=cfg.val_fraction, select_fraction=cfg.select_fraction, progress=progress,
                   fill_clouds=cfg.fill_clouds, register=cfg.register, min_frame_clearance=cfg.min_frame_clearance,
-                  frame_order=cfg.frame_order, cache_write=cache_write)
+                  frame_order=cfg.frame_order, cache_write=cache_write, padding=spec.padding, keep_order=spec.ordered)
     if not training:
+        if spec.views:  # scored and submitted as its authors feed it
+            common.update(views=spec.views, n_frames=spec.n_views)
         return ProbaVDataset(cfg.data_dir, split, selection=cfg.val_selection, drop_unclear=cfg.drop_unclear_eval,
                              **common)
     return ProbaVDataset(cfg.data_dir, split, selection=cfg.train_selection, patch_size=cfg.patch_size,
                          min_clear=cfg.min_clear, beta=cfg.beta, repeats=cfg.repeats, patches=cfg.patches,
                          augment=cfg.augment, window=cfg.window, window_stride=cfg.window_stride,
-                         window_min_clear=cfg.window_min_clear, **common)
+                         window_min_clear=cfg.window_min_clear, views=spec.views if spec.train_views else "",
+                         **common)

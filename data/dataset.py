@@ -4,13 +4,16 @@ Samples are dicts (float32, values in [0, 1]):
 
 - ``lr`` ``(T,h,w)``: the selected frames, uint16 / 65535;
 - ``lr_mask`` ``(T,h,w)``: their quality maps, 1 = clear;
+- ``alphas`` ``(T,)``: 1 for a real frame, 0 for a padding frame (zeros, mask 0; only with
+  ``padding="zeros"`` or a ``views`` recipe, and always after the real frames);
 - ``hr`` ``(1,H,W)`` and ``hr_mask`` ``(1,H,W)``: target and status map (``hr`` absent for test
   scenes, ``hr_mask`` absent where the scene has no SM.png);
 - ``name`` (``"imgsetNNNN"``), ``band`` (``"NIR"``/``"RED"``), ``index`` (scene index, int).
 
 Decoded scenes are cached on disk as ``.npz`` next to a signature of the source files (size and
 modification time of every PNG), so a scene is decoded from PNG once and again only when a file
-of it changes; the cache also stores each frame's clearance (its fraction of clear pixels).
+of it changes; the cache also stores each frame's clearance (its fraction of clear pixels), and,
+in a file of its own, the choice of an authors' view recipe (:mod:`data.views`: frames and shifts).
 """
 from __future__ import annotations
 
@@ -30,16 +33,19 @@ from utils.files import WriteError, atomic_path, sweep_temporaries
 
 from .io import BANDS, SCALE, DataError, DatasetNotFoundError, list_scenes, read_scene
 from .registration import REGISTRATION_VERSION, register_frames
+from .views import RECIPES, assemble_views
 
 __all__ = ["ProbaVDataset", "augment_sample", "fill_clouds", "split_scenes", "select_frames", "scene_signature",
-           "load_scene_cached", "CacheWarning", "CACHE_VERSION", "VAL_FRACTION", "VAL_SEED", "SELECTIONS",
-           "PATCHES", "FRAME_ORDERS"]
+           "load_scene_cached", "load_views_cached", "CacheWarning", "CACHE_VERSION", "VAL_FRACTION", "VAL_SEED",
+           "SELECTIONS", "PATCHES", "FRAME_ORDERS", "PADDINGS"]
 
 VAL_FRACTION = 0.1  # share of train/ scenes held out per band when the root has no val/
 VAL_SEED = 0  # the carve is a seeded permutation of the sorted scene names: the same on every machine
 SELECTIONS = ("clearest", "weighted", "coverage", "all")
 PATCHES = ("random", "grid", "windows")
 FRAME_ORDERS = ("selection", "shuffled", "clearest_first")
+PADDINGS = ("repeat", "zeros")  # a scene with fewer frames than asked: repeat its clearest, or zero frames
+VIEWS_VERSION = "v1"  # part of the view cache's key: change it whenever a recipe changes
 
 
 def _carve(scenes: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -101,6 +107,13 @@ def _decode(path: Path, register: bool) -> dict:
     return scene
 
 
+def _cache_stem(path: Path, register: bool) -> str:
+    """The cache file name (without suffix) of a scene: its band, name, a digest of its full path and
+    how its frames are registered."""
+    variant = f"_{REGISTRATION_VERSION}" if register else ""
+    return f"{path.parent.name}_{path.name}_{zlib.crc32(str(path.resolve()).encode()):08x}{variant}"
+
+
 CACHE_VERSION = 1  # the layout of a cache entry; an entry of another version is rebuilt
 _cache_unwritable: set[str] = set()  # cache folders this process could not write to (warned once each)
 
@@ -129,9 +142,7 @@ def load_scene_cached(path: Path, cache_dir: Path | None, register: bool = False
     if cache_dir is None:
         return _decode(path, register)
     sig = scene_signature(path)
-    variant = f"_{REGISTRATION_VERSION}" if register else ""
-    key = f"{path.parent.name}_{path.name}_{zlib.crc32(str(path.resolve()).encode()):08x}{variant}.npz"
-    cfile = Path(cache_dir) / key
+    cfile = Path(cache_dir) / f"{_cache_stem(path, register)}.npz"
     if cfile.exists():
         try:
             scene = _read_entry(cfile, sig, path, register)
@@ -195,10 +206,38 @@ def _write_entry(cfile: Path, sig: str, scene: dict, register: bool) -> None:
                  has_sm=scene["sm"] is not None, **extra)
 
 
+def load_views_cached(path: Path, scene: dict, recipe: str, n: int, cache_dir: Path | None,
+                      register: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(frames (k,), shifts (k,2))``: the choice of view recipe ``recipe`` (a key of
+    :data:`data.views.RECIPES`) with ``n`` views for ``scene`` (as loaded from ``path``, registered
+    when ``register``), through the disk cache; stale when a PNG of the scene changes.
+
+    TR-MISR's recipe registers up to 23 frames by masked phase correlation (about a second a scene
+    on one core): cached, it is computed once per scene.
+    """
+    if cache_dir is None:
+        views = RECIPES[recipe](scene["lr"], scene["qm"], n)
+        return views.frames, views.shifts
+    path = Path(path)
+    sig = scene_signature(path)
+    cfile = Path(cache_dir) / f"{_cache_stem(path, register)}_views-{recipe}-{n}-{VIEWS_VERSION}.npz"
+    if cfile.exists():
+        try:
+            with np.load(cfile, allow_pickle=False) as z:
+                if str(z["signature"]) == sig:
+                    return z["frames"], z["shifts"]
+        except (OSError, KeyError, ValueError):
+            pass  # a damaged cache entry is rebuilt below
+    views = RECIPES[recipe](scene["lr"], scene["qm"], n)
+    with atomic_path(cfile) as tmp:
+        np.savez(tmp, signature=sig, frames=views.frames, shifts=views.shifts)
+    return views.frames, views.shifts
+
+
 def select_frames(qm: np.ndarray, k: int, strategy: str, rng: np.random.Generator | None = None,
                   sm: np.ndarray | None = None, beta: float = 50.0, trials: int = 500,
-                  clearance: np.ndarray | None = None, min_clearance: float = 0.0) -> np.ndarray:
-    """Indices of ``k`` frames of a scene (repeats where it has fewer than ``k``).
+                  clearance: np.ndarray | None = None, min_clearance: float = 0.0, pad: bool = True) -> np.ndarray:
+    """Indices of ``k`` frames of a scene (repeats where it has fewer than ``k``, unless not ``pad``).
 
     Args:
         qm: ``(T,h,w)`` bool quality maps.
@@ -214,6 +253,8 @@ def select_frames(qm: np.ndarray, k: int, strategy: str, rng: np.random.Generato
         min_clearance: when above 0, only frames whose clearance exceeds it are candidates
             (PIUnet's authors: 0.85), and the clearest frame alone when none does. ``"clearest"``
             then pads with candidates drawn at random (``rng``; seeded 0 if None), as the authors do.
+        pad: fill up to ``k`` with repeated frames; False returns only the distinct frames chosen
+            (fewer than ``k`` for a scene with fewer frames or candidates), for zero-frame padding.
     """
     T = qm.shape[0]
     c = qm.mean((1, 2)) if clearance is None else np.asarray(clearance, dtype=np.float64)
@@ -223,11 +264,11 @@ def select_frames(qm: np.ndarray, k: int, strategy: str, rng: np.random.Generato
         keep = keep if keep.size else order[:1]
         if strategy == "clearest":
             picked = keep[np.argsort(-c[keep], kind="stable")][:k]
-            if len(picked) < k:
+            if len(picked) < k and pad:
                 rng = rng if rng is not None else np.random.default_rng(0)
                 picked = np.concatenate([picked, rng.choice(picked, size=k - len(picked))])
             return picked
-        return keep[select_frames(qm[keep], k, strategy, rng, sm, beta, trials, c[keep])]
+        return keep[select_frames(qm[keep], k, strategy, rng, sm, beta, trials, c[keep], pad=pad)]
     if strategy == "all":
         return np.arange(T)
     if strategy == "clearest":
@@ -263,7 +304,7 @@ def select_frames(qm: np.ndarray, k: int, strategy: str, rng: np.random.Generato
             idx = np.sort(cand[best])
     else:
         raise ValueError(f"unknown frame selection {strategy!r}; choose from {', '.join(SELECTIONS)}")
-    if len(idx) < k:
+    if len(idx) < k and pad:
         idx = np.concatenate([idx, np.full(k - len(idx), order[0])])
     return np.asarray(idx)
 
@@ -286,13 +327,16 @@ def _hr_window(a: np.ndarray | None, y: int, x: int, p: int) -> np.ndarray | Non
 
 
 def augment_sample(rng: np.random.Generator, lr: np.ndarray, qm: np.ndarray, hr: np.ndarray | None,
-            sm: np.ndarray | None) -> tuple:
+                   sm: np.ndarray | None, n_reorder: int | None = None) -> tuple:
     """One of the 8 flips/rotations of the pixel grid, drawn from ``rng``, applied alike to
-    ``lr``/``qm`` ``(T,h,w)`` and ``hr``/``sm`` ``(H,W)`` (None stays None), and the frames put in a
-    random order. A x3 upscaling maps LR pixel ``i`` to HR pixels ``3i..3i+2``, so the transformed
-    pair is again an exact LR/HR pair."""
+    ``lr``/``qm`` ``(T,h,w)`` and ``hr``/``sm`` ``(H,W)`` (None stays None), and the first
+    ``n_reorder`` frames (all when None, none when 0) put in a random order; the frames after them
+    (zero padding) stay last. A x3 upscaling maps LR pixel ``i`` to HR pixels ``3i..3i+2``, so the
+    transformed pair is again an exact LR/HR pair."""
     k, flip = int(rng.integers(4)), bool(rng.integers(2))
-    order = rng.permutation(lr.shape[0])
+    t = lr.shape[0]
+    n = t if n_reorder is None else n_reorder
+    order = np.concatenate([rng.permutation(n), np.arange(n, t)]).astype(np.int64)
 
     def tf(a):
         if a is None:
@@ -352,6 +396,14 @@ class ProbaVDataset(Dataset):
             sample and, for full scenes, fixed per scene by the seed (QA-Net's authors shuffle both);
             ``"clearest_first"``: by decreasing clearance. One rule for training and evaluation
             matters for models that depend on the frame order (QA-Net's per-position BatchNorms).
+        padding: a scene with fewer frames than ``n_frames`` (or fewer candidates) is filled up by
+            repeating its clearest frame (``"repeat"``) or with zero frames, mask 0 and alpha 0
+            (``"zeros"``: the models whose spec says so mask them).
+        keep_order: augmentation leaves the frames in their order (models that rely on it).
+        views: an authors' input recipe of :data:`data.views.RECIPES` (e.g. TR-MISR's 24 clearest
+            frames registered to the first, zero-padded), applied to every scene with ``n_frames``
+            views in place of ``selection``, ``min_frame_clearance`` and ``padding``; training
+            patches are cut from its views. "" for none.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", bands: str | tuple = "all",
@@ -362,7 +414,7 @@ class ProbaVDataset(Dataset):
                  register: bool = False, min_frame_clearance: float = 0.0, patches: str = "random",
                  augment: bool = False, select_fraction: float = 0.0, window: int = 64, window_stride: int = 32,
                  window_min_clear: float = 0.85, frame_order: str = "selection", cache_write: bool = True,
-                 drop_unclear: bool = False):
+                 drop_unclear: bool = False, padding: str = "repeat", keep_order: bool = False, views: str = ""):
         root = Path(root)
         if not root.is_dir():
             # the same message as the reader's: how to get the data, how to run the demo
@@ -381,8 +433,11 @@ class ProbaVDataset(Dataset):
             raise ValueError(f"frame_order must be one of {', '.join(FRAME_ORDERS)}, got {frame_order!r}")
         self.frame_order, self.window, self.window_stride = frame_order, window, window_stride
         self.window_min_clear = window_min_clear
+        if padding not in PADDINGS or (views and views not in RECIPES):
+            raise ValueError(f"padding must be one of {PADDINGS} (got {padding!r}) and views '' or one of "
+                             f"{tuple(RECIPES)} (got {views!r})")
         self.repeats, self.fill_clouds, self.min_frame_clearance = repeats, fill_clouds, min_frame_clearance
-        self.augment = augment
+        self.augment, self.padding, self.keep_order, self.views = augment, padding, keep_order, views
         paths = [p for b in bands for p in split_scenes(root, split, b, val_fraction, VAL_SEED, select_fraction)]
         if not paths:
             raise DatasetNotFoundError(f"{root}: no scene in split {split!r} for bands {bands}")
@@ -405,6 +460,7 @@ class ProbaVDataset(Dataset):
                                 f"{min_frame_clearance:.0%} clear pixels (min_frame_clearance)")
         self.keys = [(s["band"], s["name"]) for s in self.scenes]  # (band, name) of every scene, in order
         self._fixed_frames: dict[int, np.ndarray] = {}
+        self._views = self._prepare_views(paths, cache, register, progress) if views else None
         # the fixed list of (scene, y, x) regions an epoch visits (None: one random crop per scene)
         self._regions, self._region_size = None, patch_size
         if patch_size is not None and patches == "grid":
@@ -413,6 +469,15 @@ class ProbaVDataset(Dataset):
             if window < patch_size:
                 raise ValueError(f"window={window} is smaller than patch_size={patch_size}")
             self._regions, self._region_size = self._kept_windows(), window
+
+    def _prepare_views(self, paths: list[Path], cache: Path | None, register: bool,
+                       progress: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The ``views`` recipe's ``(frames, shifts)`` of every scene, computed once (in this process,
+        not per data-loader worker) and cached on disk."""
+        by_key = {(p.parent.name, p.name): p for p in paths}
+        it = tqdm(self.scenes, desc=f"preparing {self.views} views", disable=not progress, leave=False)
+        return [load_views_cached(by_key[(s["band"], s["name"])], s, self.views, self.n_frames, cache, register)
+                for s in it]
 
     def _grid_patches(self) -> list[tuple[int, int, int]]:
         """``(scene index, y, x)`` of the non-overlapping LR patches with enough clear HR pixels."""
@@ -465,20 +530,43 @@ class ProbaVDataset(Dataset):
         return idx
 
     def _select(self, index: int, rng: np.random.Generator, window: tuple[int, int] | None) -> np.ndarray:
+        """The indices ``selection`` picks for scene ``index`` (without repeats when ``padding="zeros"``)."""
         s = self.scenes[index]
+        pad = self.padding == "repeat"
         if window is not None and self.selection == "weighted":
             (y, x), w = window, self.window
             return select_frames(s["qm"], self.n_frames, self.selection, rng, beta=self.beta,
                                  clearance=s["qm"][:, y:y + w, x:x + w].mean((1, 2)),
-                                 min_clearance=self.min_frame_clearance)
+                                 min_clearance=self.min_frame_clearance, pad=pad)
         if self.selection in ("clearest", "coverage", "all"):  # deterministic: computed once
             if index not in self._fixed_frames:
                 self._fixed_frames[index] = select_frames(
                     s["qm"], self.n_frames, self.selection, np.random.default_rng([self.seed, index]),
-                    sm=s["sm"], beta=self.beta, clearance=s["clearance"], min_clearance=self.min_frame_clearance)
+                    sm=s["sm"], beta=self.beta, clearance=s["clearance"], min_clearance=self.min_frame_clearance,
+                    pad=pad)
             return self._fixed_frames[index]
         return select_frames(s["qm"], self.n_frames, self.selection, rng, sm=s["sm"], beta=self.beta,
-                             clearance=s["clearance"], min_clearance=self.min_frame_clearance)
+                             clearance=s["clearance"], min_clearance=self.min_frame_clearance, pad=pad)
+
+    def _frames(self, index: int, rng: np.random.Generator,
+                window: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(lr, qm, alphas)`` of scene ``index``: ``(T,h,w)`` frames (uint16 as stored, or float32 in
+        [0,1] from a ``views`` recipe), bool masks, float32 ``(T,)`` alphas (padding last);
+        ``window``: see :meth:`frames_for`."""
+        s = self.scenes[index]
+        if self._views is not None:
+            frames, shifts = self._views[index]
+            v = assemble_views(s["lr"], s["qm"], frames, shifts, self.n_frames)
+            return v.lrs, v.qms, v.alphas
+        idx = self.frames_for(index, rng, window)
+        lr, qm = s["lr"][idx], s["qm"][idx]
+        alphas = np.ones(len(idx), np.float32)
+        if len(idx) < self.n_frames:  # padding="zeros": zero frames, never clear, alpha 0
+            pad = self.n_frames - len(idx)
+            lr = np.concatenate([lr, np.zeros((pad, *lr.shape[1:]), lr.dtype)])
+            qm = np.concatenate([qm, np.zeros((pad, *qm.shape[1:]), bool)])
+            alphas = np.concatenate([alphas, np.zeros(pad, np.float32)])
+        return lr, qm, alphas
 
     def _random_patch(self, sm: np.ndarray | None, size: int, rng: np.random.Generator,
                       origin: tuple[int, int] = (0, 0)) -> tuple[int, int]:
@@ -503,8 +591,8 @@ class ProbaVDataset(Dataset):
             index = item % len(self.scenes)
         s = self.scenes[index]
         rng = self._rng(item)
-        idx = self.frames_for(index, rng, region if self._region_size != self.patch_size else None)
-        lr, qm, hr, sm = s["lr"][idx], s["qm"][idx], s["hr"], s["sm"]
+        lr, qm, alphas = self._frames(index, rng, region if self._region_size != self.patch_size else None)
+        hr, sm = s["hr"], s["sm"]
         if self.patch_size is not None:
             p = self.patch_size
             if p > lr.shape[-1]:
@@ -515,13 +603,16 @@ class ProbaVDataset(Dataset):
                 y, x = self._random_patch(sm, self._region_size, rng, region)
             lr, qm = lr[:, y:y + p, x:x + p], qm[:, y:y + p, x:x + p]
             hr, sm = _hr_window(hr, y, x, p), _hr_window(sm, y, x, p)
+        real = int((alphas > 0).sum())  # the real frames come first
         if self.augment:
-            lr, qm, hr, sm = augment_sample(rng, lr, qm, hr, sm)
-        lr = lr.astype(np.float32) / 65535.0
+            lr, qm, hr, sm = augment_sample(rng, lr, qm, hr, sm, n_reorder=0 if self.keep_order else real)
+        if np.issubdtype(lr.dtype, np.integer):  # a recipe's views are in [0,1] already
+            lr = lr.astype(np.float32) / 65535.0
         if self.fill_clouds:
-            lr = fill_clouds(lr, qm)
-        out = {"lr": torch.from_numpy(lr),
+            lr[:real] = fill_clouds(lr[:real], qm[:real])  # padding stays zero
+        out = {"lr": torch.from_numpy(np.ascontiguousarray(lr)),
                "lr_mask": torch.from_numpy(qm.astype(np.float32)),
+               "alphas": torch.from_numpy(alphas),
                "name": s["name"], "band": s["band"], "index": index}
         if hr is not None:
             out["hr"] = torch.from_numpy(hr.astype(np.float32) / 65535.0)[None]

@@ -16,6 +16,10 @@ TR-MISR (Suanmd/TR-MISR), ``src/val.py``:
 
 Clearance is the number of clear QM pixels of a frame; the authors sum the raw 0/255 QM values, a
 constant multiple, so the order is the same.
+
+:data:`RECIPES` names them for the registry (``models.ModelSpec.views``): ``sorted_padded``
+(HighRes-net, MISR-GRU) and ``registered_padded`` (TR-MISR). A recipe's choice (frames and shifts)
+is all the dataset caches; :func:`assemble_views` rebuilds the input from it.
 """
 from __future__ import annotations
 
@@ -25,11 +29,13 @@ from typing import NamedTuple
 import numpy as np
 from skimage.registration import phase_cross_correlation
 
-__all__ = ["Views", "order_by_clearance", "pad_views", "shift_zero_fill", "register_to_first",
-           "highresnet_views", "trmisr_views", "trmisr_postprocess", "TRMISR_MAX"]
+# TR-MISR's output step belongs to the model (models.ModelSpec.postprocess); re-exported for the recipes' users
+from models.trmisr import TRMISR_MAX
+from models.trmisr import postprocess as trmisr_postprocess
 
-# TR-MISR truncates its output to the 14-bit range of the PROBA-V products, in [0, 1] units.
-TRMISR_MAX = 16383 / 65535
+__all__ = ["Views", "RECIPES", "order_by_clearance", "pad_views", "shift_zero_fill", "register_to_first",
+           "assemble_views", "highresnet_views", "trmisr_views", "trmisr_postprocess", "TRMISR_MAX"]
+
 _SMALL = 16  # NumPy's quicksort sorts runs of at most this many elements by insertion
 
 
@@ -204,6 +210,24 @@ def register_to_first(lr: np.ndarray, qm: np.ndarray,
     return lr_reg, qm_reg, shifts
 
 
+def assemble_views(lr: np.ndarray, qm: np.ndarray, frames, shifts, n: int) -> Views:
+    """A recipe's input rebuilt from its choice: ``frames`` in order, each moved by its ``shifts``
+    row with zero fill, scaled to [0, 1], then zero views (alpha 0) up to ``n``.
+
+    Args:
+        lr: ``(T,h,w)`` uint16 frames (or floats in [0, 1]) of the scene; ``qm``: their masks.
+        frames: ``(k,)`` indices, ``k <= n``; ``shifts``: ``(k,2)`` integer (row, col) shifts.
+        n: number of views the model takes.
+    """
+    frames = np.asarray(frames, dtype=np.int64)
+    shifts = np.asarray(shifts, dtype=np.int64).reshape(len(frames), 2)
+    lr_sel, qm_sel = np.asarray(lr)[frames], np.asarray(qm)[frames] != 0
+    for i in np.flatnonzero(shifts.any(1)):
+        lr_sel[i], qm_sel[i] = shift_zero_fill(lr_sel[i], shifts[i]), shift_zero_fill(qm_sel[i], shifts[i])
+    lrs, qms, alphas = pad_views(lr_sel, qm_sel, np.arange(len(frames)), n)
+    return Views(lrs, qms, alphas, frames, shifts)
+
+
 def highresnet_views(lr: np.ndarray, qm: np.ndarray, n: int = 16) -> Views:
     """HighRes-net / MISR-GRU input: ``np.argsort`` clearance order, first ``n``, zero views to ``n``.
 
@@ -212,8 +236,7 @@ def highresnet_views(lr: np.ndarray, qm: np.ndarray, n: int = 16) -> Views:
     go into these networks.
     """
     frames = order_by_clearance(qm, ties="argsort")[:n]
-    lrs, qms, alphas = pad_views(lr, qm, frames, n)
-    return Views(lrs, qms, alphas, frames, np.zeros((len(frames), 2), np.int64))
+    return assemble_views(lr, qm, frames, np.zeros((len(frames), 2), np.int64), n)
 
 
 def trmisr_views(lr: np.ndarray, qm: np.ndarray, n: int = 24) -> Views:
@@ -222,21 +245,9 @@ def trmisr_views(lr: np.ndarray, qm: np.ndarray, n: int = 24) -> Views:
     Only ``lrs`` and ``alphas`` go into the network (its ``val.py`` passes ``maps=None``).
     """
     frames = order_by_clearance(qm, ties="nlargest")[:n]
-    lr_reg, qm_reg, shifts = register_to_first(np.asarray(lr)[frames], np.asarray(qm)[frames])
-    lrs, qms, alphas = pad_views(lr_reg, qm_reg, np.arange(len(frames)), n)
-    return Views(lrs, qms, alphas, frames, shifts)
+    _, _, shifts = register_to_first(np.asarray(lr)[frames], np.asarray(qm)[frames])
+    return assemble_views(lr, qm, frames, shifts, n)
 
 
-def trmisr_postprocess(sr):
-    """TR-MISR's output step: each SR image minus its own minimum, clipped to ``[0, 16383/65535]``.
-
-    Args:
-        sr: NumPy array or torch tensor ``(..., H, W)``; the minimum is taken per image (over the
-            last two axes), as the authors do for their single ``(H, W)`` output.
-
-    Returns:
-        Same type, shape and dtype as ``sr``.
-    """
-    if isinstance(sr, np.ndarray):
-        return np.clip(sr - sr.min(axis=(-2, -1), keepdims=True), 0, TRMISR_MAX)
-    return (sr - sr.amin(dim=(-2, -1), keepdim=True)).clamp(0, TRMISR_MAX)  # torch
+# The recipes by name (models.ModelSpec.views): ``recipe(lr (T,h,w), qm (T,h,w), n) -> Views``.
+RECIPES = {"sorted_padded": highresnet_views, "registered_padded": trmisr_views}

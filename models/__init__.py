@@ -5,9 +5,11 @@ the rest of the code must know about it (which frames it takes, in which order, 
 the quality maps, whether its output carries an uncertainty, whether it can be trained, its
 authors' hyper-parameter names). Nothing outside ``models/`` names a model; it asks the spec.
 
-Every model has ``super_resolve(lr (B,T,h,w) in [0,1], lr_mask (B,T,h,w) in {0,1}) -> dict`` with
-``"sr"`` ``(B,1,3h,3w)`` in [0,1] units and, where ``spec.uncertainty``, ``"log_scale"`` (the
-Laplace log-scale of the uncertainty, in [0,1] units). Each stores its constructor arguments in
+Every model has ``super_resolve(lr (B,T,h,w) in [0,1], lr_mask (B,T,h,w) in {0,1}, alphas (B,T) or
+None) -> dict`` with ``"sr"`` ``(B,1,3h,3w)`` in [0,1] units and, where ``spec.uncertainty``,
+``"log_scale"`` (the Laplace log-scale of the uncertainty, in [0,1] units). ``alphas`` says which
+frames are real (1) and which are padding (0, zero frames); every sample carries them, and only the
+models whose spec pads with zeros read them. Each model stores its constructor arguments in
 ``.kwargs`` so a checkpoint can rebuild it (:func:`build_model`).
 
 Adding a model: write ``models/<name>.py`` (the class, with ``kwargs``, ``has_uncertainty`` and
@@ -22,11 +24,14 @@ from typing import Callable
 
 import torch.nn as nn
 
-from . import piunet, qanet
+from . import highresnet, misrgru, piunet, qanet, trmisr
 from .baseline import ESABaseline, bicubic_upscale, esa_baseline
+from .highresnet import HighResNet
 from .layers import request_channels_last
+from .misrgru import MISRGRU
 from .piunet import PIUnet
 from .qanet import QANet
+from .trmisr import TRMISR
 
 
 @dataclass(frozen=True)
@@ -44,10 +49,31 @@ class ModelSpec:
         all_frames: scored on every frame of a scene, one scene at a time (the baseline averages the
             clearest of *all* frames).
         input_scaling: how the frames in [0,1] are scaled before the network (documentation).
-        reference_names: the authors' hyper-parameter names -> ours (for :func:`from_reference`).
+        reference_names: the authors' hyper-parameter names -> ours (for :func:`from_reference`), for
+            authors whose configuration is one flat table.
+        reference_kwargs: ``f(authors' nested config) -> our keyword arguments``, for authors whose
+            configuration is nested (the ``network`` section of their ``config.json``), or None.
+        convert_state: ``f(state dict) -> state dict`` mapping the authors' released key layouts to
+            ours (e.g. an older layout of their code), applied to every bare state dict; or None.
         preset: the preset of ``config.py`` that holds the authors' training recipe ("" for none).
         authors_network: ``f(checkout folder) -> nn.Module``, the authors' own network class built at
             their default configuration from a local checkout of their code (benchmarks only), or None.
+        padding: how a sample with fewer frames than the model takes is filled: ``"repeat"`` (the
+            clearest frame again) or ``"zeros"`` (zero frames with alpha 0, which the model masks:
+            its authors' collate function).
+        ordered: the frames must stay in the order the data gives them (clearest first, padding last:
+            a median anchor of the first 9, recurrent fusion); augmentation and the self-ensemble
+            keep it.
+        views: the authors' evaluation input for full scenes, a recipe of ``data.views.RECIPES``
+            (which frames in which order, registered or not, padded how), or "" to use the config's
+            ``val_selection``.
+        n_views: the number of views that recipe feeds.
+        train_views: training samples are cut from the same recipe's views (with ``n_frames`` views)
+            instead of ``train_selection``.
+        postprocess: the authors' output step before scoring and submission, ``f(sr (B,1,H,W)) ->
+            (B,1,H,W)`` in [0,1]; None: clip to [0,1].
+        lr_scale: submodule name -> factor of the learning rate for its parameters (the authors'
+            parameter groups); the rest trains at the learning rate.
     """
 
     cls: type[nn.Module]
@@ -59,8 +85,17 @@ class ModelSpec:
     all_frames: bool = False
     input_scaling: str = "[0,1] (raw uint16 / 65535)"
     reference_names: dict = field(default_factory=dict)
+    reference_kwargs: Callable[[dict], dict] | None = None
+    convert_state: Callable[[dict], dict] | None = None
     preset: str = ""
     authors_network: Callable[[str], nn.Module] | None = None
+    padding: str = "repeat"
+    ordered: bool = False
+    views: str = ""
+    n_views: int = 0
+    train_views: bool = False
+    postprocess: Callable | None = None
+    lr_scale: dict = field(default_factory=dict)
 
     @property
     def uncertainty(self) -> bool:
@@ -81,10 +116,25 @@ MODELS: dict[str, ModelSpec] = {
                                          "N_heads": "n_heads"},
                         preset="piunet", authors_network=piunet.authors_network),
     "baseline": ModelSpec(ESABaseline, "ESA baseline", trainable=False, order_invariant=True, all_frames=True),
+    # HighRes-net and MISR-GRU: views sorted by clearance, zero views (alpha 0) up to 16 for scoring
+    # (get_sr_and_score's min_L), the raw output clipped to [0,1]; no quality maps enter the networks
+    "highresnet": ModelSpec(HighResNet, "HighRes-net", uses_masks=False,
+                            reference_kwargs=highresnet.kwargs_from_reference, preset="highresnet", padding="zeros",
+                            ordered=True, views="sorted_padded", n_views=16),
+    "misrgru": ModelSpec(MISRGRU, "MISR-GRU", uses_masks=False, reference_kwargs=misrgru.kwargs_from_reference,
+                         convert_state=misrgru.convert_released_state, preset="misrgru", padding="zeros",
+                         ordered=True, views="sorted_padded", n_views=16),
+    # TR-MISR: the 24 clearest views registered to the first, for scoring and (as patches) for training;
+    # its output minus its minimum, clipped to 14 bits; the transformer trains at half the learning rate
+    "trmisr": ModelSpec(TRMISR, "TR-MISR", uses_masks=False, order_invariant=False,
+                        reference_kwargs=trmisr.kwargs_from_reference, preset="trmisr", padding="zeros",
+                        ordered=True, views="registered_padded", n_views=24, train_views=True,
+                        postprocess=trmisr.postprocess, lr_scale={"superres": 0.5}),
 }
 
-# the authors' hyper-parameter names -> ours, for the models that have released weights
-REFERENCE_NAMES = {name: spec.reference_names for name, spec in MODELS.items() if spec.reference_names}
+# the models built from their authors' configuration by from_reference (the ones with released weights)
+REFERENCE_NAMES = {name: spec.reference_names for name, spec in MODELS.items()
+                   if spec.reference_names or spec.reference_kwargs}
 TRAINABLE = tuple(name for name, spec in MODELS.items() if spec.trainable)
 
 
@@ -146,35 +196,51 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return cls(**kwargs)
 
 
+def reference_kwargs(name: str, config: dict | None) -> dict:
+    """Our keyword arguments of model ``name`` from its authors' configuration (missing keys: their
+    defaults); unknown keys are a ``KeyError`` that names them."""
+    _check_name(name, REFERENCE_NAMES)
+    spec, config = MODELS[name], dict(config or {})
+    if spec.reference_kwargs is not None:
+        return spec.reference_kwargs(config)
+    names = spec.reference_names
+    bad = sorted(set(config) - set(names))
+    if bad:
+        raise KeyError(f"{name}: unknown reference hyper-parameter(s) {', '.join(bad)}; "
+                       f"valid: {', '.join(names)}")
+    return {names[k]: v for k, v in config.items()}
+
+
+def released_state(name: str, state_dict: dict) -> dict:
+    """A state dict of model ``name`` as its authors released it -> our key layout: unwrapped from a
+    ``{"state_dict": ...}`` training checkpoint, then the spec's ``convert_state`` (if any)."""
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+        state_dict = state_dict["state_dict"]  # a training checkpoint wrapping the weights
+    convert = spec_of(name).convert_state
+    return convert(state_dict) if convert is not None else dict(state_dict)
+
+
 def from_reference(name: str, state_dict: dict | None = None, config: dict | None = None) -> nn.Module:
     """Build a model from the authors' configuration and (optionally) their weights.
 
     Args:
         name: a model with released weights (a key of :data:`REFERENCE_NAMES`).
-        state_dict: a state dict in the authors' key layout (their released checkpoints), loaded
-            strictly; None leaves the random initialisation.
-        config: hyper-parameters in the authors' names (QA-Net: ``N_modules, N_resblocks,
-            N_feats, reduction, N_heads, scale, N_lrs, rcab_bn``; PIUnet: ``N_feat, R_bneck,
-            N_tefa, N_heads``); a missing key takes the authors' default.
+        state_dict: a state dict in the authors' key layout (their released checkpoints, in any
+            layout ``spec.convert_state`` knows), loaded strictly; None leaves the random initialisation.
+        config: the authors' hyper-parameters in their names. QA-Net: ``N_modules, N_resblocks,
+            N_feats, reduction, N_heads, scale, N_lrs, rcab_bn``; PIUnet: ``N_feat, R_bneck, N_tefa,
+            N_heads``; HighRes-net, MISR-GRU, TR-MISR: the nested ``network`` section of their
+            ``config.json``. A missing key takes the authors' default.
 
     Returns:
         the model in eval mode. Its ``forward`` has the authors' signature and numerics.
     """
-    _check_name(name, REFERENCE_NAMES)
-    names = REFERENCE_NAMES[name]
-    config = dict(config or {})
-    bad = sorted(set(config) - set(names))
-    if bad:
-        raise KeyError(f"{name}: unknown reference hyper-parameter(s) {', '.join(bad)}; "
-                       f"valid: {', '.join(names)}")
-    model = build_model(name, **{names[k]: v for k, v in config.items()})
+    model = build_model(name, **reference_kwargs(name, config))
     if state_dict is not None:
-        if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
-            state_dict = state_dict["state_dict"]  # a training checkpoint wrapping the weights
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(released_state(name, state_dict), strict=True)
     return model.eval()
 
 
 __all__ = ["MODELS", "ModelSpec", "TRAINABLE", "name_of", "spec_of", "model_kwargs", "check_frames", "build_model",
-           "from_reference", "request_channels_last", "QANet", "PIUnet", "ESABaseline",
-           "esa_baseline", "bicubic_upscale", "REFERENCE_NAMES"]
+           "from_reference", "reference_kwargs", "released_state", "request_channels_last", "QANet", "PIUnet",
+           "ESABaseline", "HighResNet", "MISRGRU", "TRMISR", "esa_baseline", "bicubic_upscale", "REFERENCE_NAMES"]

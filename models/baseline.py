@@ -94,6 +94,6 @@ class ESABaseline(torch.nn.Module):
         sr = (up * pick[..., None, None]).sum(1) / pick.sum(1)[:, None, None]
         return sr.clamp(0, 1).unsqueeze(1).to(lr.dtype)
 
-    def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor) -> dict:
-        """The common interface: ``{"sr": (B,1,3h,3w)}`` in [0,1]."""
+    def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor, alphas: torch.Tensor | None = None) -> dict:
+        """The common interface: ``{"sr": (B,1,3h,3w)}`` in [0,1] (``alphas`` not read)."""
         return {"sr": self(lr, lr_mask)}

@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["HighResNet", "ResidualBlock", "Encoder", "Decoder", "median_reference", "map_reference_config",
-           "kwargs_from_reference"]
+__all__ = ["HighResNet", "ResidualBlock", "Encoder", "Decoder", "median_reference", "check_alphas", "ViewsModel",
+           "map_reference_config", "kwargs_from_reference"]
 
 REF_VIEWS = 9  # the authors' anchor is the median of the first 9 frames (their inputs: clearest first)
 
@@ -32,6 +32,35 @@ def median_reference(lrs: torch.Tensor, views: int = REF_VIEWS) -> torch.Tensor:
     padded frames among the first ``views`` take part (the authors pad with zero frames).
     """
     return lrs[:, :views].median(dim=1, keepdim=True).values
+
+
+def check_alphas(lrs: torch.Tensor, alphas: torch.Tensor | None, model: str) -> torch.Tensor:
+    """``alphas (B,L)`` of ``lrs (B,L,h,w)`` in ``lrs``' dtype; None means every view is real (all ones).
+
+    Raises:
+        ValueError: ``alphas`` is not ``(B,L)``.
+    """
+    b, t = lrs.shape[:2]
+    if alphas is None:
+        return lrs.new_ones(b, t)
+    if alphas.shape != (b, t):
+        raise ValueError(f"{model}: alphas must be (B,L) = {(b, t)}, got {tuple(alphas.shape)}")
+    return alphas.to(lrs.dtype)
+
+
+class ViewsModel(nn.Module):
+    """The common interface of the three networks that take views and their padding flags
+    (HighRes-net, MISR-GRU, TR-MISR): ``forward(lrs, alphas)`` as their authors call it."""
+
+    has_uncertainty = False
+
+    def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor | None = None,
+                      alphas: torch.Tensor | None = None) -> dict:
+        """``lr (B,L,h,w)`` in [0,1] (clearest first, padding last), ``alphas (B,L)`` 1 = real view,
+        0 = padding (None: all real) -> ``{"sr": (B,1,3h,3w)}``, the raw network output in [0,1] units
+        (scoring clips it, or applies the authors' output step: ``ModelSpec.postprocess``). The
+        quality maps are not read: none of the three feeds them to its network."""
+        return {"sr": self(lr, alphas)}
 
 
 class ResidualBlock(nn.Module):
@@ -107,7 +136,7 @@ class RecursiveFusion(nn.Module):
         return x[:, 0]
 
 
-class HighResNet(nn.Module):
+class HighResNet(ViewsModel):
     """HighRes-net.
 
     Args (the authors' ``config.json`` keys in brackets; defaults are their published configuration):
@@ -121,14 +150,13 @@ class HighResNet(nn.Module):
         final_kernel_size (final.kernel_size): the last convolution.
     ``recursive.num_layers`` has no effect in the authors' code (one fusion block, applied recursively).
 
-    ``forward(lrs (B,L,h,w) in [0,1] (uint16/65535), alphas (B,L) in {0,1}, 1 = real frame)
+    ``forward(lrs (B,L,h,w) in [0,1] (uint16/65535), alphas (B,L) in {0,1}, 1 = real frame, None = all)
     -> (B,1,scale*h,scale*w)``, SR in [0,1] units, not clamped (the authors clip to [0,1] to score).
     Frames are expected clearest first with padding last (the anchor is the median of the first 9);
     any ``L >= 1``; with an odd frame count at a fusion step the last frame is left out.
     """
 
     registry_name = "highresnet"
-    has_uncertainty = False
 
     def __init__(self, n_feats: int = 64, n_resblocks: int = 2, kernel_size: int = 3, fuse_kernel_size: int = 3,
                  alpha_residual: bool = True, deconv_channels: int = 64, scale: int = 3, final_kernel_size: int = 1):
@@ -140,10 +168,9 @@ class HighResNet(nn.Module):
         self.fuse = RecursiveFusion(n_feats, fuse_kernel_size, alpha_residual)
         self.decode = Decoder(n_feats, deconv_channels, scale, final_kernel_size)
 
-    def forward(self, lrs: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    def forward(self, lrs: torch.Tensor, alphas: torch.Tensor | None = None) -> torch.Tensor:
         b, t, h, w = lrs.shape
-        if alphas.shape != (b, t):
-            raise ValueError(f"HighResNet: alphas must be (B,L) = {(b, t)}, got {tuple(alphas.shape)}")
+        alphas = check_alphas(lrs, alphas, "HighResNet")
         ref = median_reference(lrs).expand(b, t, h, w)
         x = self.encode(torch.stack([lrs, ref], 2).flatten(0, 1))  # (B*L, C, h, w)
         x = self.fuse(x.unflatten(0, (b, t)), alphas.to(x.dtype))

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from .highresnet import Decoder, Encoder, map_reference_config, median_reference
+from .highresnet import Decoder, Encoder, ViewsModel, check_alphas, map_reference_config, median_reference
 
 __all__ = ["MISRGRU", "ConvGRUCell", "kwargs_from_reference", "convert_released_state"]
 
@@ -72,7 +72,7 @@ class GRUFusion(nn.Module):
         return (x * a).sum(1) / a.sum(1)
 
 
-class MISRGRU(nn.Module):
+class MISRGRU(ViewsModel):
     """MISR-GRU.
 
     Args (the authors' ``config.json`` keys in brackets; defaults are their published configuration):
@@ -85,14 +85,13 @@ class MISRGRU(nn.Module):
         scale (deconv.stride = deconv.kernel_size): upscaling factor.
         final_kernel_size (final.kernel_size): the last convolution.
 
-    ``forward(lrs (B,L,h,w) in [0,1] (uint16/65535), alphas (B,L) in {0,1}, 1 = real frame)
+    ``forward(lrs (B,L,h,w) in [0,1] (uint16/65535), alphas (B,L) in {0,1}, 1 = real frame, None = all)
     -> (B,1,scale*h,scale*w)``, SR in [0,1] units, not clamped (the authors clip to [0,1] to score).
     Frames are expected clearest first with padding last: the anchor is the median of the first 9
     frames and the GRUs read the frames in order. Any ``L >= 1`` with at least one real frame.
     """
 
     registry_name = "misrgru"
-    has_uncertainty = False
 
     def __init__(self, n_feats: int = 64, n_resblocks: int = 2, kernel_size: int = 3,
                  gru_channels: Sequence[int] = (64, 64), gru_kernel_sizes: Sequence[int] = (3, 3),
@@ -111,10 +110,9 @@ class MISRGRU(nn.Module):
         self.decode = Decoder(gru_channels[-1], deconv_channels, scale, final_kernel_size)
         self.unit2 = Encoder(2 * n_feats, n_feats, n_resblocks, kernel_size)  # frame and anchor features
 
-    def forward(self, lrs: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    def forward(self, lrs: torch.Tensor, alphas: torch.Tensor | None = None) -> torch.Tensor:
         b, t, h, w = lrs.shape
-        if alphas.shape != (b, t):
-            raise ValueError(f"MISRGRU: alphas must be (B,L) = {(b, t)}, got {tuple(alphas.shape)}")
+        alphas = check_alphas(lrs, alphas, "MISRGRU")
         frames = self.unit1(lrs.reshape(b * t, 1, h, w))  # (B*L, C, h, w)
         anchor = self.unit1(median_reference(lrs))  # (B, C, h, w): encoded once, shared by the frames
         anchor = anchor.unsqueeze(1).expand(b, t, *anchor.shape[1:]).flatten(0, 1)

@@ -164,9 +164,10 @@ class PIUnet(nn.Module):
         s = self.conv_out_sigma(F.leaky_relu(self.norm_sigma(self.conv_d2s_sigma(self._up(x)))))
         return mu, s
 
-    def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor | None = None) -> dict:
+    def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor | None = None,
+                      alphas: torch.Tensor | None = None) -> dict:
         """The common interface: ``lr (B,T,h,w)`` in [0,1] (the masks are read only with
-        ``skip="baseline"``, by the ESA baseline the residual is added to) ->
+        ``skip="baseline"``, by the ESA baseline the residual is added to; ``alphas`` not at all) ->
         ``{"sr": (B,1,3h,3w) in [0,1] units, "log_scale": (B,1,3h,3w)}``, the Laplace log-scale in
         [0,1] units: ``s + log(RAW_STD / 65535)``."""
         base = None

@@ -140,8 +140,9 @@ class QANet(nn.Module):
         fused = (x * q).sum(1) / q.sum(1)  # QM-weighted mean over frames; q > 0 (a sigmoid)
         return F.pixel_shuffle(self.last(fused), self.scale)
 
-    def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor) -> dict:
-        """The common interface: ``lr (B,T,h,w)`` in [0,1], ``lr_mask`` {0,1} -> ``{"sr": (B,1,3h,3w)}``."""
+    def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor, alphas: torch.Tensor | None = None) -> dict:
+        """The common interface: ``lr (B,T,h,w)`` in [0,1], ``lr_mask`` {0,1} -> ``{"sr": (B,1,3h,3w)}``.
+        ``alphas`` (padding flags) are not read: QA-Net's frames are never padded with empty views."""
         return {"sr": self(lr, lr_mask)}
 
 

@@ -19,9 +19,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .highresnet import Encoder, map_reference_config, median_reference
+from .highresnet import Encoder, ViewsModel, check_alphas, map_reference_config, median_reference
 
-__all__ = ["TRMISR", "kwargs_from_reference"]
+__all__ = ["TRMISR", "kwargs_from_reference", "postprocess", "TRMISR_MAX"]
+
+# TR-MISR truncates its output to the 14-bit range of the PROBA-V products, in [0, 1] units.
+TRMISR_MAX = 16383 / 65535
+
+
+def postprocess(sr):
+    """TR-MISR's output step before scoring and submission (its ``val.py``/``test.py``): each SR
+    image minus its own minimum, clipped to ``[0, 16383/65535]``.
+
+    Args:
+        sr: NumPy array or torch tensor ``(..., H, W)`` in [0,1] units; the minimum is taken per
+            image (over the last two axes), as the authors do for their single ``(H, W)`` output.
+
+    Returns:
+        Same type, shape and dtype as ``sr``.
+    """
+    if isinstance(sr, torch.Tensor):
+        return (sr - sr.amin(dim=(-2, -1), keepdim=True)).clamp(0, TRMISR_MAX)
+    return (sr - sr.min(axis=(-2, -1), keepdims=True)).clip(0, TRMISR_MAX)  # NumPy
 
 
 class FrameSelfAttention(nn.Module):
@@ -125,7 +144,7 @@ class PixelShuffleDecoder(nn.Module):
         return F.pixel_shuffle(self.final(x), self.scale)
 
 
-class TRMISR(nn.Module):
+class TRMISR(ViewsModel):
     """TR-MISR.
 
     Args (the authors' ``config.json`` keys in brackets; defaults are their published configuration):
@@ -139,14 +158,13 @@ class TRMISR(nn.Module):
         final_kernel_size (final.kernel_size): the decoder's convolution.
         scale: upscaling factor (3, fixed in the authors' code).
 
-    ``forward(lrs (B,L,h,w) in [0,1] (uint16/65535), alphas (B,L) in {0,1}, 1 = real frame)
+    ``forward(lrs (B,L,h,w) in [0,1] (uint16/65535), alphas (B,L) in {0,1}, 1 = real frame, None = all)
     -> (B,1,scale*h,scale*w)``, SR in [0,1] units, not clamped; the last PReLU lets it go negative.
     (The authors' evaluation subtracts the image's minimum and clips to [0, 16383/65535].)
     Padded frames never reach the output as long as the first 9 frames (the anchor's) are real.
     """
 
     registry_name = "trmisr"
-    has_uncertainty = False
 
     def __init__(self, median_reference: bool = True, n_feats: int = 64, n_resblocks: int = 2, kernel_size: int = 3,
                  depth: int = 6, n_heads: int = 8, mlp_dim: int = 128, dropout: float = 0.1,
@@ -160,10 +178,9 @@ class TRMISR(nn.Module):
         self.superres = ClassTokenFusion(n_feats, depth, n_heads, mlp_dim, dropout)
         self.decode = PixelShuffleDecoder(n_feats, scale, final_kernel_size)
 
-    def forward(self, lrs: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    def forward(self, lrs: torch.Tensor, alphas: torch.Tensor | None = None) -> torch.Tensor:
         b, t, h, w = lrs.shape
-        if alphas.shape != (b, t):
-            raise ValueError(f"TRMISR: alphas must be (B,L) = {(b, t)}, got {tuple(alphas.shape)}")
+        alphas = check_alphas(lrs, alphas, "TRMISR")
         if self.median_reference:
             x = torch.stack([lrs, median_reference(lrs).expand(b, t, h, w)], 2).flatten(0, 1)
         else:

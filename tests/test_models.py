@@ -9,7 +9,10 @@ from models import MODELS, PIUnet, QANet, build_model, from_reference
 
 TINY = {"qanet": dict(n_modules=2, n_resblocks=1, n_feats=8, reduction=4, n_frames=4),
         "piunet": dict(n_feats=8, r_bneck=4, n_tefa=1),
-        "baseline": {}}
+        "baseline": {},
+        "highresnet": dict(n_feats=8, n_resblocks=1, deconv_channels=4),
+        "misrgru": dict(n_feats=8, n_resblocks=1, gru_channels=(8,), gru_kernel_sizes=(3,), deconv_channels=4),
+        "trmisr": dict(n_feats=8, n_resblocks=1, depth=1, n_heads=2, mlp_dim=8)}
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +83,8 @@ def test_from_reference_defaults_and_errors(reference):
 
 
 def test_registry():
-    assert set(MODELS) == {"qanet", "piunet", "baseline"}
-    with pytest.raises(KeyError, match="known models: baseline, piunet, qanet"):
+    assert set(MODELS) == {"qanet", "piunet", "baseline", "highresnet", "misrgru", "trmisr"}
+    with pytest.raises(KeyError, match="known models: baseline, highresnet, misrgru, piunet, qanet, trmisr"):
         build_model("srgan")
     with pytest.raises(TypeError, match="n_feats"):
         build_model("qanet", N_feats=3)

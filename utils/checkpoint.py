@@ -16,7 +16,10 @@ Checkpoints of format 1 (before RNG states were stored as tensors) hold one NumP
 load, with only NumPy's array and dtype reconstruction allowed, which builds data and runs no code.
 
 ``valid.py`` and ``predict.py`` rebuild the model from it alone; they also accept the authors'
-released state dicts (bare, or wrapped in ``"state_dict"``), given the model name.
+released state dicts (bare, or wrapped in ``"state_dict"``, in any key layout the model's spec can
+convert: ``ModelSpec.convert_state``), given the model name. Weights that do not fit are refused
+with an error naming the file, the first missing, unexpected and misshapen keys, and the model
+whose keys they do fit, if any.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from config import CommandLine, Config, ConfigError
-from models import MODELS, TRAINABLE, build_model, check_frames, model_kwargs, name_of, spec_of
+from models import MODELS, TRAINABLE, build_model, check_frames, model_kwargs, name_of, released_state, spec_of
 
 from .runtime import atomic_torch_save
 
@@ -104,29 +107,66 @@ def _unsafe_globals(path: Path) -> list[str]:
         return []
 
 
+def _keys_fit(name: str, state: dict) -> bool:
+    """``state`` (any layout ``name``'s spec converts) has exactly the keys of ``name`` at its defaults."""
+    try:
+        with torch.device("meta"):  # the key names only: no memory, no initialisation
+            keys = build_model(name).state_dict().keys()
+        return set(released_state(name, state)) == set(keys)
+    except Exception:  # a model that cannot be built on the meta device: no hint from it
+        return False
+
+
+def _fitting_models(state: dict, but: str | None = None) -> list[str]:
+    """The trainable models (other than ``but``) whose default key set ``state`` has."""
+    return [n for n in TRAINABLE if n != but and _keys_fit(n, state)]
+
+
+def _misfit(path, name: str, model: nn.Module, state: dict) -> CheckpointError:
+    """The error for weights that do not load into ``model``: the first missing, unexpected and
+    misshapen keys, and which model the keys do fit."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f"{len(keys)} {what}, first: {', '.join(keys[:3])}" for what, keys in
+             (("missing key(s)", missing), ("unexpected key(s)", unexpected), ("of another shape", shapes)) if keys]
+    fits = _fitting_models(state, but=name)
+    hint = f"; these keys are a {fits[0]}'s: use --model={fits[0]}" if fits else ""
+    return CheckpointError(f"{path}: the weights do not fit {name}({dict(model.kwargs)}): {'; '.join(parts)}{hint}")
+
+
 def model_from_checkpoint(path: str | os.PathLike, model_name: str | None = None,
                           model_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
     """``(model in eval mode, checkpoint dict)`` from one of our checkpoints or an authors' file.
 
     Our checkpoints carry the model name and arguments. For a bare state dict (the authors'
-    releases), ``model_name`` and optionally ``model_kwargs`` (our argument names) say what to build.
+    releases, in any layout the model's spec converts), ``model_name`` and optionally
+    ``model_kwargs`` (our argument names) say what to build. Returned bare files have
+    ``ckpt["config"] = None``.
+
+    Raises:
+        CheckpointError: naming ``path``: not a checkpoint, a bare state dict without ``model_name``,
+            or weights that do not fit (the first missing/unexpected keys, and the model they fit).
     """
     ckpt = load_checkpoint(path)
     if "model_name" in ckpt and "model" in ckpt:
         model = build_model(ckpt["model_name"], **ckpt.get("model_kwargs", {}))
         state = ckpt["model"]
     else:
-        state = ckpt.get("state_dict", ckpt)
         if model_name is None or not spec_of(model_name).trainable:
-            raise CheckpointError(f"{path}: a bare state dict; say which network it holds with "
+            fits = _fitting_models(ckpt)
+            hint = f" (its keys are a {fits[0]}'s)" if fits else ""
+            raise CheckpointError(f"{path}: a bare state dict{hint}; say which network it holds with "
                                   f"{' or '.join('--model=' + n for n in TRAINABLE)}")
+        state = released_state(model_name, ckpt)
         model = build_model(model_name, **(model_kwargs or {}))
         ckpt = {"model_name": model_name, "model_kwargs": dict(model.kwargs), "model": state, "config": None}
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: the weights do not fit {ckpt['model_name']}"
-                              f"({ckpt.get('model_kwargs')}): {str(e).splitlines()[0]}") from None
+    except RuntimeError:
+        raise _misfit(path, ckpt["model_name"], model, state) from None
     return model.eval(), ckpt
 
 
@@ -159,6 +199,9 @@ def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") 
     except ValueError as e:
         raise ConfigError(f"{cfg.checkpoint}: {e}") from None
     ckpt_path = Path(cfg.checkpoint)
-    run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-    out = Path(cfg.out_dir) if cfg.out_dir else run / f"{default_out}-{ckpt_path.stem}"
-    return cfg, model, out
+    if not ckpt.get("config"):  # released weights: never write beside them (often a shared, read-only folder)
+        out = Path("results") / f"{cfg.model}-{default_out}-{ckpt_path.stem}"
+    else:
+        run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+        out = run / f"{default_out}-{ckpt_path.stem}"
+    return cfg, model, Path(cfg.out_dir) if cfg.out_dir else out

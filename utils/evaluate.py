@@ -29,30 +29,34 @@ def _undo_dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def super_resolve(model: nn.Module, lr: torch.Tensor, lr_mask: torch.Tensor, amp: str = "off",
-                  ensemble: bool = False) -> dict:
-    """SR of ``lr (B,T,h,w)`` in [0,1] with masks ``lr_mask`` -> ``{"sr": (B,1,3h,3w) float32 in
-    [0,1]}`` (+ ``"log_scale"`` for models with uncertainty).
+                  ensemble: bool = False, alphas: torch.Tensor | None = None) -> dict:
+    """SR of ``lr (B,T,h,w)`` in [0,1] with masks ``lr_mask`` and padding flags ``alphas (B,T)`` (None:
+    all frames real) -> ``{"sr": (B,1,3h,3w) float32 in [0,1]}`` (+ ``"log_scale"`` for models with
+    uncertainty). The SR is clipped to [0,1], or goes through the authors' own output step where
+    the model's spec has one (``spec.postprocess``, e.g. TR-MISR's).
 
     ``ensemble`` averages the 8 flips/rotations of the input, each mapped back; for a model that
     depends on the frame order (QA-Net) each transform also sees the frames in another cyclic
-    order. A x3 upscaling commutes exactly with these transforms of the pixel grid.
+    order, unless the order is part of its input (``spec.ordered``: clearest first, padding last).
+    A x3 upscaling commutes exactly with these transforms of the pixel grid.
     """
     device = lr.device
+    spec = spec_of(model)
     transforms = [(k, f) for f in (False, True) for k in range(4)] if ensemble else [(0, False)]
-    invariant = spec_of(model).order_invariant
+    alphas = alphas if alphas is not None else lr.new_ones(lr.shape[:2])
     acc: dict[str, torch.Tensor] = {}
     for i, (k, f) in enumerate(transforms):
-        x, m = _dihedral(lr, k, f), _dihedral(lr_mask, k, f)
-        if ensemble and not invariant:
+        x, m, a = _dihedral(lr, k, f), _dihedral(lr_mask, k, f), alphas
+        if ensemble and not (spec.order_invariant or spec.ordered):
             shift = i % lr.shape[1]
-            x, m = x.roll(shift, 1), m.roll(shift, 1)
+            x, m, a = x.roll(shift, 1), m.roll(shift, 1), a.roll(shift, 1)
         with autocast(device, amp):
-            out = model.super_resolve(x, m)
+            out = model.super_resolve(x, m, a)
         for key, val in out.items():
             val = _undo_dihedral(val.float(), k, f)
             acc[key] = acc[key] + val if key in acc else val
     out = {key: val / len(transforms) for key, val in acc.items()}
-    out["sr"] = out["sr"].clamp(0.0, 1.0)
+    out["sr"] = spec.postprocess(out["sr"]) if spec.postprocess is not None else out["sr"].clamp(0.0, 1.0)
     return out
 
 
@@ -66,7 +70,7 @@ def iterate(model: nn.Module, dataset, device: torch.device, amp: str = "off", b
     model.eval()
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        yield batch, super_resolve(model, batch["lr"], batch["lr_mask"], amp, ensemble)
+        yield batch, super_resolve(model, batch["lr"], batch["lr_mask"], amp, ensemble, batch.get("alphas"))
 
 
 def evaluate(model: nn.Module, dataset, device: torch.device, norm: dict[str, float] | None = None,

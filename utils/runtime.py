@@ -124,7 +124,7 @@ def cuda_graphed(module: torch.nn.Module, sample_args: tuple, amp: str) -> torch
     buffers = {k: v.detach().clone() for k, v in module.state_dict().items()}
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     with torch.autocast("cuda", dtype=dtype, enabled=amp != "off", cache_enabled=False):
-        # allow_unused_input: the masks are inputs that PIUnet does not read
+        # allow_unused_input: inputs a model does not read (PIUnet: the masks; most models: the alphas)
         graphed = torch.cuda.make_graphed_callables(module, tuple(a.detach().clone() for a in sample_args),
                                                     allow_unused_input=True)
     module.load_state_dict(buffers)

@@ -61,14 +61,14 @@ class TrainingDiverged(RuntimeError):
 
 
 class SRModule(nn.Module):
-    """``forward(lr, lr_mask) -> dict``: the common interface as a forward, for DDP and compile."""
+    """``forward(lr, lr_mask, alphas=None) -> dict``: the common interface as a forward, for DDP and compile."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, lr: torch.Tensor, lr_mask: torch.Tensor) -> dict:
-        return self.module.super_resolve(lr, lr_mask)
+    def forward(self, lr: torch.Tensor, lr_mask: torch.Tensor, alphas: torch.Tensor | None = None) -> dict:
+        return self.module.super_resolve(lr, lr_mask, alphas)
 
 
 @dataclass
@@ -102,7 +102,7 @@ def build_network(cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
 
 
 def wrap(net: nn.Module, cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
-    """``net`` behind the common ``forward(lr, lr_mask)``, in DDP across processes and compiled
+    """``net`` behind the common ``forward(lr, lr_mask, alphas)``, in DDP across processes and compiled
     when ``cfg.compile``. CUDA graphs are captured later, at the first batch (:meth:`Trainer.train_step`)."""
     if cfg.cuda_graphs and (device.type != "cuda" or dist.enabled):
         raise ConfigError("cuda_graphs=true needs a single CUDA process (not CPU, not torchrun); "
@@ -186,10 +186,11 @@ class Trainer:
         return cfg.warmup_loss if self.progress.epoch < cfg.warmup_epochs and cfg.warmup_loss else cfg.loss
 
     def _forward(self, mb: dict) -> dict:
+        inputs = (mb["lr"], mb["lr_mask"], mb["alphas"])
         if self.cfg.cuda_graphs and self.graphed is None:
-            self.graphed = cuda_graphed(SRModule(self.net), (mb["lr"], mb["lr_mask"]), self.cfg.amp)
+            self.graphed = cuda_graphed(SRModule(self.net), inputs, self.cfg.amp)
         with autocast(self.device, self.cfg.amp):
-            return (self.model if self.graphed is None else self.graphed)(mb["lr"], mb["lr_mask"])
+            return (self.model if self.graphed is None else self.graphed)(*inputs)
 
     def train_step(self, batches: Iterator[dict], keeper: CheckpointKeeper) -> tuple[float, int]:
         """One optimizer step over ``accum_steps`` micro-batches drawn from ``batches``.
