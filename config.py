@@ -93,7 +93,9 @@ class Config:
     weight_decay: float = opt(1e-5, "Adam weight decay")
     lr_milestones: tuple = opt((120, 220, 300, 360, 400, 440, 480), "where the learning rate is multiplied by lr_gamma")
     lr_gamma: float = opt(0.8, "factor of each learning-rate drop")
-    lr_unit: str = opt("epoch", "epoch | step: what lr_milestones count")
+    lr_unit: str = opt("epoch", "epoch | step: what lr_milestones count; plateau: x lr_gamma after lr_patience "
+                       "validations without a better score (ReduceLROnPlateau; HighRes-net, MISR-GRU, TR-MISR)")
+    lr_patience: int = opt(2, "lr_unit=plateau: validations without improvement before the learning rate drops")
     grad_clip: float = opt(15.0, "max gradient norm (0: off)")
     ema: float = opt(0.0, "decay of an exponential moving average of the weights, validated and saved (0: off)")
     loss: str = opt("cpsnr", "the training loss (utils.losses.LOSSES)")
@@ -142,7 +144,7 @@ CHOICES = {
     "amp": ("off", "bf16", "fp16"),
     "train_selection": ("clearest", "weighted", "coverage", "all"),
     "val_selection": ("clearest", "weighted", "coverage", "all"),
-    "lr_unit": ("epoch", "step"),
+    "lr_unit": ("epoch", "step", "plateau"),
     "loss": tuple(LOSSES),
     "warmup_loss": ("",) + tuple(LOSSES),
     "patches": ("random", "grid", "windows"),
@@ -175,6 +177,30 @@ PRESETS: dict[str, dict] = {
                    lr_milestones=(150_000,), lr_gamma=0.2, lr_unit="step", grad_clip=15.0,
                    loss="l1u_reg", warmup_loss="l1_reg_std", warmup_epochs=1, val_every=1, select_metric="cpsnr",
                    drop_unclear_eval=True),
+    # HighRes-net (Deudon et al.), its config.json "training": 64x64 LR patches at random (no clearance
+    # test), 32 views drawn with clearance weights (beta 50) in draw order, zero views (alpha 0) up to 32,
+    # Adam 7e-4, ReduceLROnPlateau x0.97 after 2 validations without a better score, validated every
+    # epoch, 400 epochs, batch 32. Their loss is -cPSNR after ShiftNet's learned sub-pixel shift of the
+    # SR; ours is the cPSNR searched over the metric's 49 integer shifts (cpsnr_shift), no ShiftNet.
+    "highresnet": dict(model="highresnet", model_args={}, epochs=400, batch_size=32, lr=7e-4, weight_decay=0.0,
+                       patch_size=64, patches="random", min_clear=0.0, n_frames=32, train_selection="weighted",
+                       val_selection="clearest", beta=50.0, lr_unit="plateau", lr_gamma=0.97, lr_patience=2,
+                       lr_milestones=(), grad_clip=0.0, loss="cpsnr_shift", warmup_loss="", warmup_epochs=0,
+                       val_every=1),
+    # MISR-GRU (Rifat Arefin et al.): HighRes-net's recipe with 24 views and batch 16 (their config.json).
+    "misrgru": dict(model="misrgru", model_args={}, epochs=400, batch_size=16, lr=7e-4, weight_decay=0.0,
+                    patch_size=64, patches="random", min_clear=0.0, n_frames=24, train_selection="weighted",
+                    val_selection="clearest", beta=50.0, lr_unit="plateau", lr_gamma=0.97, lr_patience=2,
+                    lr_milestones=(), grad_clip=0.0, loss="cpsnr_shift", warmup_loss="", warmup_epochs=0,
+                    val_every=1),
+    # TR-MISR (An et al.), its config.json "training": the 24 clearest views registered to the first, zero
+    # views up to 24 (the model's recipe, for training too), 64x64 LR patches mostly clear (85%), Adam 1e-3
+    # for the encoder and decoder and 5e-4 for the transformer (ModelSpec.lr_scale), x0.95 on plateaus of
+    # the validation score, validated every epoch, 400 epochs, batch 4, loss -cPSNR over the 49 shifts.
+    "trmisr": dict(model="trmisr", model_args={}, epochs=400, batch_size=4, lr=1e-3, weight_decay=0.0,
+                   patch_size=64, patches="grid", min_clear=0.85, n_frames=24, train_selection="clearest",
+                   val_selection="clearest", lr_unit="plateau", lr_gamma=0.95, lr_patience=2, lr_milestones=(),
+                   grad_clip=0.0, loss="cpsnr_shift", warmup_loss="", warmup_epochs=0, val_every=1),
     # Synthetic scenes (generated on first use), a small PIUnet that starts from the ESA baseline and
     # learns a residual on it, fed cloud-filled frames, flips/rotations, a moving average of the
     # weights; CPU, under 5 minutes on 2 cores, about 0.9 dB above the ESA baseline. One validation,

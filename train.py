@@ -119,9 +119,11 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
     keeper = CheckpointKeeper(trainer.run, cfg.max_steps, cfg.max_minutes, main=dist.main, metric=cfg.select_metric)
     p, summary = trainer.progress, None
 
-    def validate_and_keep() -> dict:
+    def validate_and_keep(scheduled: bool = False) -> dict:
         summary, chooser = trainer.validate(val_ds, norm, writer, select_ds)
         keeper.consider(chooser, trainer)
+        if scheduled:  # only the every-val_every validations move a plateau schedule: resuming stays exact
+            trainer.schedule_on(chooser)
         return summary
 
     # a write that cannot complete (a full disk) ends the run saying which last.pt is intact
@@ -130,7 +132,7 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
             if not trainer.train_epoch(train_ds, writer, keeper):
                 break  # stopped mid-epoch: Ctrl-C, max_steps or max_minutes
             if p.epoch % cfg.val_every == 0 or p.epoch == cfg.epochs:
-                summary = validate_and_keep()
+                summary = validate_and_keep(scheduled=True)
                 if dist.main:
                     tqdm.write(f"epoch {p.epoch}: {describe(summary)}")
             keeper.save_last(trainer)

@@ -38,7 +38,7 @@ from models import build_model, esa_baseline, model_kwargs, name_of, request_cha
 from .checkpoint import model_from_checkpoint, unwrap
 from .evaluate import evaluate, make_panel, summarize
 from .files import atomic_path
-from .keeper import CheckpointKeeper
+from .keeper import CheckpointKeeper, criterion
 from .losses import LOSSES, compute_loss
 from .runtime import (
     Dist,
@@ -53,7 +53,7 @@ from .runtime import (
 from .uncertainty import UncertaintyReport, reliability_image
 
 __all__ = ["Trainer", "Progress", "SRModule", "TrainingDiverged", "build_network", "wrap", "validate", "describe",
-           "val_indices"]
+           "val_indices", "parameter_groups", "make_scheduler"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -119,6 +119,27 @@ def wrap(net: nn.Module, cfg: Config, dist: Dist, device: torch.device) -> nn.Mo
     return model
 
 
+def parameter_groups(net: nn.Module, lr_scale: dict[str, float], lr: float):
+    """``net``'s parameters for the optimizer: all of them at the learning rate, or, where the model's
+    spec scales the rate of some submodules (``lr_scale``: name -> factor, e.g. TR-MISR's transformer
+    at half its encoder's rate), one group of the rest at ``lr`` then one group per named submodule."""
+    if not lr_scale:
+        return net.parameters()
+    named = {name: [p for key, p in net.named_parameters() if key.split(".")[0] == name] for name in lr_scale}
+    rest = [p for key, p in net.named_parameters() if key.split(".")[0] not in lr_scale]
+    return [{"params": rest, "lr": lr}] + [{"params": ps, "lr": lr * lr_scale[name]} for name, ps in named.items()]
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
+    """``MultiStepLR`` at ``lr_milestones`` (epochs or steps, ``lr_unit``), or with ``lr_unit=plateau``
+    ``ReduceLROnPlateau``: the rates times ``lr_gamma`` after ``lr_patience`` validations in a row
+    that did not improve the score (the HighRes-net and MISR-GRU authors' schedule)."""
+    if cfg.lr_unit == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_gamma,
+                                                          patience=cfg.lr_patience)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_milestones), cfg.lr_gamma)
+
+
 class Trainer:
     """The state of one training run and the operations that change it.
 
@@ -132,8 +153,9 @@ class Trainer:
         self.cfg, self.dist, self.device = cfg, dist, device
         self.run = Path(cfg.out_dir)
         self.net = build_network(cfg.replace(checkpoint="") if ckpt is not None else cfg, dist, device)
-        self.optimizer = make_optimizer(self.net.parameters(), cfg.lr, cfg.weight_decay, device)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.lr_milestones), cfg.lr_gamma)
+        self.optimizer = make_optimizer(parameter_groups(self.net, spec_of(self.net).lr_scale, cfg.lr), cfg.lr,
+                                        cfg.weight_decay, device)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
         self.scaler = make_scaler(device, cfg.amp)
         # an exponential moving average of the weights (and BatchNorm statistics), updated after
         # every optimizer step; validation and checkpoints use it when on
@@ -291,6 +313,12 @@ class Trainer:
         summary = validate(self.eval_net(), val_ds, *args)
         chooser = summary if select_ds is None else validate(self.eval_net(), select_ds, *args, tag="select")
         return summary, chooser
+
+    def schedule_on(self, chooser: dict) -> None:
+        """Tell a plateau scheduler (``lr_unit=plateau``) the score of a scheduled validation (see
+        :func:`utils.keeper.criterion`; the scenes that choose best.pt); other schedulers ignore it."""
+        if self.cfg.lr_unit == "plateau":
+            self.scheduler.step(criterion(chooser))
 
 
 def val_indices(ds: ProbaVDataset, limit: int) -> list[int]:
