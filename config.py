@@ -177,6 +177,26 @@ PRESETS: dict[str, dict] = {
                    lr_milestones=(150_000,), lr_gamma=0.2, lr_unit="step", grad_clip=15.0,
                    loss="l1u_reg", warmup_loss="l1_reg_std", warmup_epochs=1, val_every=1, select_metric="cpsnr",
                    drop_unclear_eval=True),
+    # Synthetic scenes (generated on first use), a small PIUnet that starts from the ESA baseline and
+    # learns a residual on it, fed cloud-filled frames, flips/rotations, a moving average of the
+    # weights; CPU, under 5 minutes on 2 cores, about 0.9 dB above the ESA baseline. One validation,
+    # at the end: best.pt is the last weights, chosen on nothing.
+    "demo": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4, skip="baseline"),
+                 data_dir="datasets/synthetic", synthetic=True, band="all", device="cpu", epochs=22, batch_size=8,
+                 repeats=4, patch_size=32, n_frames=9, train_selection="clearest", val_selection="clearest",
+                 fill_clouds=True, augment=True, ema=0.99, lr=1e-3, weight_decay=0.0, lr_milestones=(17,),
+                 lr_gamma=0.2, lr_unit="epoch", grad_clip=15.0, loss="l1_reg", warmup_loss="", warmup_epochs=0,
+                 val_every=22, num_workers=0, min_clear=0.25),
+    # Real scenes (../shared/probav or any small root) on a CPU in under 30 minutes: a small PIUnet
+    # that starts from the ESA baseline and learns a residual on it, flips/rotations, a moving
+    # average of the weights, best.pt chosen on 10% of the train scenes held out; about 17 minutes
+    # of training on 2 cores, stopped at 26 minutes on a slower machine.
+    "cpu_real": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4, skip="baseline"),
+                     augment=True, ema=0.995, select_fraction=0.1, band="all", device="cpu", max_minutes=26.0,
+                     epochs=45, batch_size=8, repeats=4, patch_size=32, n_frames=9, train_selection="clearest",
+                     val_selection="clearest", fill_clouds=True, lr=1e-3, weight_decay=0.0, lr_milestones=(34,),
+                     lr_gamma=0.2, lr_unit="epoch", grad_clip=15.0, loss="l1_reg", warmup_loss="", warmup_epochs=0,
+                     val_every=10, num_workers=0),
     # HighRes-net (Deudon et al.), its config.json "training": 64x64 LR patches at random (no clearance
     # test), 32 views drawn with clearance weights (beta 50) in draw order, zero views (alpha 0) up to 32,
     # Adam 7e-4, ReduceLROnPlateau x0.97 after 2 validations without a better score, validated every
@@ -201,26 +221,6 @@ PRESETS: dict[str, dict] = {
                    patch_size=64, patches="grid", min_clear=0.85, n_frames=24, train_selection="clearest",
                    val_selection="clearest", lr_unit="plateau", lr_gamma=0.95, lr_patience=2, lr_milestones=(),
                    grad_clip=0.0, loss="cpsnr_shift", warmup_loss="", warmup_epochs=0, val_every=1),
-    # Synthetic scenes (generated on first use), a small PIUnet that starts from the ESA baseline and
-    # learns a residual on it, fed cloud-filled frames, flips/rotations, a moving average of the
-    # weights; CPU, under 5 minutes on 2 cores, about 0.9 dB above the ESA baseline. One validation,
-    # at the end: best.pt is the last weights, chosen on nothing.
-    "demo": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4, skip="baseline"),
-                 data_dir="datasets/synthetic", synthetic=True, band="all", device="cpu", epochs=22, batch_size=8,
-                 repeats=4, patch_size=32, n_frames=9, train_selection="clearest", val_selection="clearest",
-                 fill_clouds=True, augment=True, ema=0.99, lr=1e-3, weight_decay=0.0, lr_milestones=(17,),
-                 lr_gamma=0.2, lr_unit="epoch", grad_clip=15.0, loss="l1_reg", warmup_loss="", warmup_epochs=0,
-                 val_every=22, num_workers=0, min_clear=0.25),
-    # Real scenes (../shared/probav or any small root) on a CPU in under 30 minutes: a small PIUnet
-    # that starts from the ESA baseline and learns a residual on it, flips/rotations, a moving
-    # average of the weights, best.pt chosen on 10% of the train scenes held out; about 17 minutes
-    # of training on 2 cores, stopped at 26 minutes on a slower machine.
-    "cpu_real": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4, skip="baseline"),
-                     augment=True, ema=0.995, select_fraction=0.1, band="all", device="cpu", max_minutes=26.0,
-                     epochs=45, batch_size=8, repeats=4, patch_size=32, n_frames=9, train_selection="clearest",
-                     val_selection="clearest", fill_clouds=True, lr=1e-3, weight_decay=0.0, lr_milestones=(34,),
-                     lr_gamma=0.2, lr_unit="epoch", grad_clip=15.0, loss="l1_reg", warmup_loss="", warmup_epochs=0,
-                     val_every=10, num_workers=0),
 }
 
 

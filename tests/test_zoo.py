@@ -227,3 +227,101 @@ def test_misrgru_released_weights_load(zoo):
     sr = sr[0].double().clamp(0, 1)  # the authors clip to [0,1] before scoring
     baseline = torch.tensor(esa_baseline(lr, qm))[None]
     assert cpsnr(sr, hr, sm).item() > cpsnr(baseline, hr, sm).item() + 2.0
+
+
+# --- the registry: what the rest of the code reads from the specs ----------------------------------------------------
+
+def test_specs_declare_views_padding_and_hooks():
+    from data.views import RECIPES, TRMISR_MAX
+    from models import MODELS, spec_of
+    for name in NAMES:
+        spec = spec_of(name)
+        assert spec.cls is CLASSES[name] and spec.trainable and not spec.uncertainty
+        assert spec.views in RECIPES and spec.padding == "zeros" and spec.ordered and not spec.uses_masks
+        assert spec.reference_kwargs is MODELS[name].reference_kwargs is not None
+    assert (spec_of("highresnet").n_views, spec_of("misrgru").n_views, spec_of("trmisr").n_views) == (16, 16, 24)
+    assert spec_of("trmisr").train_views and not spec_of("highresnet").train_views
+    assert spec_of("misrgru").convert_state is convert_released_state
+    sr = torch.tensor([[[[-0.2, -0.1], [0.0, 0.9]]]])
+    assert torch.allclose(spec_of("trmisr").postprocess(sr), torch.tensor([[[[0.0, 0.1], [0.2, TRMISR_MAX]]]]))
+    assert spec_of("highresnet").postprocess is None  # clipped to [0,1] like every other model
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_from_reference_takes_the_nested_config(zoo, name):
+    from models import from_reference
+    ref = zoo[name]
+    model = from_reference(name, ref["state_dict"], ref["config"])
+    assert not model.training
+    with torch.no_grad():
+        out = model.super_resolve(ref["inputs"]["lrs"], None, ref["inputs"]["alphas"])["sr"]
+        all_real = model(ref["inputs"]["lrs"][:1])  # alphas None: every view real
+    assert (out - ref["output"]).abs().max().item() < 1e-5
+    assert (all_real - ref["output"][:1]).abs().max().item() < 1e-5  # the first sample has no padding
+    with pytest.raises(KeyError, match="decoder.bogus"):
+        from_reference(name, config={"decoder": {"bogus": 1}})
+
+
+def test_from_reference_converts_the_released_misrgru_layout(zoo):
+    from models import from_reference
+    released = {k.replace("unit1.", "encode.unit1.", 1) if k.startswith("unit1.") else
+                k.replace("unit2.", "encode.unit2.", 1) if k.startswith("unit2.") else k: v
+                for k, v in zoo["misrgru"]["state_dict"].items()}
+    assert any(k.startswith("encode.unit2.") for k in released)
+    model = from_reference("misrgru", {"state_dict": released}, zoo["misrgru"]["config"])
+    with torch.no_grad():
+        out = model(zoo["misrgru"]["inputs"]["lrs"], zoo["misrgru"]["inputs"]["alphas"])
+    assert (out - zoo["misrgru"]["output"]).abs().max().item() < 1e-5
+
+
+# --- the data: padding with alphas, the authors' view recipes through the dataset ------------------------------------
+
+def _config(name: str, root, tmp_path, *extra: str):
+    from config import parse_args
+    return parse_args([f"--preset={name}", f"--data_dir={root}", f"--cache_dir={tmp_path / 'cache'}", *extra])
+
+
+def test_training_samples_pad_with_zero_views(synthetic_root, tmp_path):
+    # HighRes-net's recipe: 32 views drawn with clearance weights from scenes of 11-13 frames, then
+    # zero views with alpha 0 (never clear), padding last; no frame drawn twice
+    from data import build_dataset
+    cfg = _config("highresnet", synthetic_root, tmp_path, "--patch_size=16", "--band=NIR")
+    ds = build_dataset(cfg, "train", training=True, progress=False)
+    for i in range(len(ds)):
+        s = ds[i]
+        n = len(ds.scenes[s["index"]]["lr"])
+        assert s["lr"].shape == (32, 16, 16) and s["alphas"].tolist() == [1.0] * n + [0.0] * (32 - n)
+        assert not s["lr"][n:].any() and not s["lr_mask"][n:].any() and s["lr"][:n].amax((1, 2)).gt(0).all()
+        assert len({tuple(f.flatten()[:64].tolist()) for f in s["lr"][:n]}) == n  # distinct frames
+    # the QA-Net recipe is unchanged: repeats, all alphas 1
+    qcfg = _config("qanet", synthetic_root, tmp_path, "--patch_size=16", "--band=NIR", "--n_frames=20")
+    s = build_dataset(qcfg, "train", training=True, progress=False)[0]
+    assert s["lr"].shape == (20, 16, 16) and s["alphas"].eq(1).all() and s["lr"].amax((1, 2)).gt(0).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_scenes_are_the_authors_views(probav_root, tmp_path, name):
+    from data import build_dataset, read_scene
+    from data.views import highresnet_views, trmisr_views
+    cfg = _config(name, probav_root, tmp_path, "--band=RED")
+    ds = build_dataset(cfg, "val", progress=False)
+    index = ds.keys.index(("RED", "imgset0007"))  # 22 frames, six of them fully clear (ties)
+    s = ds[index]
+    scene = read_scene(probav_root / "val" / "RED" / "imgset0007")
+    v = trmisr_views(scene["lr"], scene["qm"]) if name == "trmisr" else highresnet_views(scene["lr"], scene["qm"])
+    assert torch.equal(s["lr"], torch.from_numpy(v.lrs)) and torch.equal(s["alphas"], torch.from_numpy(v.alphas))
+    assert torch.equal(s["lr_mask"], torch.from_numpy(v.qms.astype(np.float32)))
+    again = build_dataset(cfg, "val", progress=False)[index]  # from the view cache
+    assert torch.equal(again["lr"], s["lr"])
+
+
+def test_augmentation_keeps_the_order_of_ordered_models(synthetic_root, tmp_path):
+    from data import build_dataset
+    args = ("--patch_size=16", "--band=NIR", "--augment", "--train_selection=clearest")
+    s = build_dataset(_config("misrgru", synthetic_root, tmp_path, *args), "train", training=True, progress=False)[0]
+    plain = build_dataset(_config("misrgru", synthetic_root, tmp_path, *args[:2], args[3]), "train",
+                          training=True, progress=False)[0]
+    n = int(s["alphas"].sum())
+    # the same frames in the same order (clearest first), the patch flipped/rotated alike
+    means = s["lr"][:n].mean((1, 2))
+    assert torch.allclose(means, plain["lr"][:n].mean((1, 2)), atol=1e-6) and not s["lr"][n:].any()
