@@ -162,7 +162,7 @@ def bench_models(args) -> None:
     names = args.models.split(",")
     print(f"device: {_device_name(device)}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"patch {args.patch}, malloc {args.malloc}")
-    print(f"{'model':8s} {'impl':8s} {'amp':5s} {'mode':7s} {'batch':>5s} {'samples/s':>10s} {'ms/step':>8s} "
+    print(f"{'model':10s} {'impl':8s} {'amp':5s} {'mode':7s} {'batch':>5s} {'samples/s':>10s} {'ms/step':>8s} "
           f"{'peak MiB':>9s} {'reserved':>9s}")
     for name in names:
         cfg = authors_config(name)
@@ -204,14 +204,14 @@ def bench_models(args) -> None:
                             step()
                         _sync(device)
                     except torch.OutOfMemoryError:
-                        print(f"{name:8s} {impl:8s} {amp:5s} {mode:7s} {batch:5d} out of memory")
+                        print(f"{name:10s} {impl:8s} {amp:5s} {mode:7s} {batch:5d} out of memory")
                         continue
                     dt = (time.perf_counter() - t) / args.steps
                     cuda = device.type == "cuda"
                     # CPU: the resident high-water mark of the whole process during this row
                     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else _resident_peak_mib()
                     reserved = torch.cuda.max_memory_reserved(device) / 2 ** 20 if cuda else float("nan")
-                    print(f"{name:8s} {impl:8s} {amp:5s} {mode:7s} {batch:5d} {batch / dt:10.2f} "
+                    print(f"{name:10s} {impl:8s} {amp:5s} {mode:7s} {batch:5d} {batch / dt:10.2f} "
                           f"{dt * 1e3:8.1f} {peak:9.0f} {reserved:9.0f}", flush=True)
                     del model, step
                     if device.type == "cuda":
@@ -224,21 +224,24 @@ def bench_models(args) -> None:
 
 
 def bench_valid(args) -> None:
-    """Full-scene validation throughput: SR of (B,9,128,128) batches plus cPSNR, per model."""
-    from models import build_model
+    """Full-scene validation throughput: SR of (B,T,128,128) batches plus cPSNR, per model (T: the views
+    its authors' recipe feeds, ``spec.n_views``, else 9)."""
+    from models import build_model, spec_of
     from utils.evaluate import super_resolve
     from utils.metrics import cpsnr
     device = torch.device(args.device)
     print(f"device: {_device_name(device)}, batch {args.batch} scenes, amp {args.amp}")
-    g = torch.Generator().manual_seed(0)
-    lr = torch.rand(args.batch, 9, 128, 128, generator=g).to(device)
-    qm = (torch.rand(args.batch, 9, 128, 128, generator=g) > 0.1).float().to(device)
-    hr = torch.rand(args.batch, 1, 384, 384, generator=g).to(device)
+    hr = torch.rand(args.batch, 1, 384, 384, generator=torch.Generator().manual_seed(1)).to(device)
     for name in args.models.split(","):
+        frames = spec_of(name).n_views or 9
+        g = torch.Generator().manual_seed(0)
+        lr = torch.rand(args.batch, frames, 128, 128, generator=g).to(device)
+        qm = (torch.rand(args.batch, frames, 128, 128, generator=g) > 0.1).float().to(device)
         model = build_model(name).to(device).eval()
-        t = _timeit(lambda model=model: cpsnr(super_resolve(model, lr, qm, args.amp)["sr"], hr, qm.new_ones(hr.shape)),
-                    device, 2)
-        print(f"{name:8s} {args.batch / t:8.2f} scenes/s  ({t / args.batch * 1e3:.1f} ms/scene, SR + cPSNR)")
+        t = _timeit(lambda model=model, lr=lr, qm=qm: cpsnr(super_resolve(model, lr, qm, args.amp)["sr"], hr,
+                                                             qm.new_ones(hr.shape)), device, 2)
+        print(f"{name:10s} {frames:3d} frames {args.batch / t:8.2f} scenes/s  ({t / args.batch * 1e3:.1f} ms/scene, "
+              f"SR + cPSNR)")
 
 
 def bench_loader(args) -> None:
@@ -306,7 +309,8 @@ def main(argv=None) -> None:
     mo = sub.add_parser("models")
     mo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     mo.add_argument("--models", default=",".join(_authored()))
-    mo.add_argument("--batch", type=int, default=0, help="0: the authors' batch (QA-Net 10, PIUnet 24)")
+    mo.add_argument("--batch", type=int, default=0,
+                    help="0: the authors' batch (QA-Net 10, PIUnet 24, HighRes-net 32, MISR-GRU 16, TR-MISR 4)")
     mo.add_argument("--patch", type=int, default=32)
     mo.add_argument("--amp", default="off", help="comma list of off, bf16, fp16")
     mo.add_argument("--compile", default="off", help="comma list of off, on")
