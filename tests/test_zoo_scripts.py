@@ -167,4 +167,11 @@ def test_weights_that_fit_no_layout_are_refused_and_nothing_is_written(synthetic
     # no --model at all: which one it looks like
     with pytest.raises(CheckpointError, match=r"a bare state dict \(its keys are a trmisr's\)"):
         valid.main([f"--checkpoint={tmp_path / 'TRNet.pth'}"] + common)
+    # one of our checkpoints with another --model
+    from config import parse_args
+    from utils.checkpoint import save_checkpoint
+    save_checkpoint(tmp_path / "ours.pt", model=build_model("highresnet", **TINY["highresnet"]),
+                    config=parse_args(["--preset=highresnet"]).to_dict())
+    with pytest.raises(CheckpointError, match=r"ours\.pt: holds a highresnet, not a trmisr"):
+        valid.main(["--model=trmisr", f"--checkpoint={tmp_path / 'ours.pt'}"] + common)
     assert not (tmp_path / "out").exists()

@@ -191,6 +191,9 @@ def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") 
                           f"--model={'|'.join(TRAINABLE)}) or {' or '.join('--model=' + n for n in untrained)}")
     model, ckpt = model_from_checkpoint(cfg.checkpoint, cfg.model if explicit_model else None,
                                         model_kwargs(cfg.model, cfg.model_args, cfg.n_frames))
+    if explicit_model and name_of(model) != cfg.model:  # the data would be prepared for the wrong model
+        raise CheckpointError(f"{cfg.checkpoint}: holds a {name_of(model)}, not a {cfg.model}; "
+                              f"drop --model (the checkpoint names its model) or use --model={name_of(model)}")
     if ckpt.get("config"):
         base = Config.from_dict(ckpt["config"]).replace(split="val", out_dir="", resume=False, device="auto")
         cfg = command.onto(base, checkpoint=cfg.checkpoint)
