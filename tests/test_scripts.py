@@ -35,7 +35,8 @@ TINY_PIUNET = ["--model=piunet", '--model_args={"n_feats": 8, "n_tefa": 1, "r_bn
 def _common(root: Path, tmp: Path) -> list[str]:
     return [f"--data_dir={root}", f"--cache_dir={tmp / 'cache'}", "--device=cpu", "--batch_size=2",
             "--patch_size=16", "--num_workers=0", "--val_scenes=1", "--n_images=1", "--val_every=1",
-            "--epochs=4", "--lr=1e-3", "--lr_milestones=1", "--lr_gamma=0.5"]
+            "--epochs=4", "--lr=1e-3", "--lr_milestones=1", "--lr_gamma=0.5",
+            "--patches=random"]  # one crop per scene, as these tests count steps (windows: test_presets.py)
 
 
 def _weights(path: Path) -> dict:
