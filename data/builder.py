@@ -32,7 +32,10 @@ def build_dataset(cfg, split: str, band: str | None = None, training: bool = Fal
     common = dict(bands=band or cfg.band, n_frames=cfg.n_frames, seed=cfg.seed, cache_dir=cfg.cache_dir or None,
                   val_fraction=cfg.val_fraction, select_fraction=cfg.select_fraction, progress=progress,
                   fill_clouds=cfg.fill_clouds, register=cfg.register, min_frame_clearance=cfg.min_frame_clearance,
-                  frame_order=cfg.frame_order, cache_write=cache_write, padding=spec.padding, keep_order=spec.ordered)
+                  frame_order=cfg.frame_order, cache_write=cache_write, padding=spec.padding,
+                  # augmentation reorders frames only where the output cannot depend on it: a model that
+                  # is not order-invariant sees them in the one order frame_order gives, trained as scored
+                  keep_order=spec.ordered or not spec.order_invariant)
     if not training:
         if spec.views:  # scored and submitted as its authors feed it
             common.update(views=spec.views, n_frames=spec.n_views)

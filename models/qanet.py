@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .baseline import ESABaseline
 from .layers import FrameAttention, FrameBatchNorm, FrameConv
 
 
@@ -102,6 +103,13 @@ class QANet(nn.Module):
         n_feats (N_feats): feature channels. reduction: channel-attention reduction.
         n_heads (N_heads): attention heads. scale: upscaling factor.
         n_frames (N_lrs): frames per scene (fixed). rcab_bn: BatchNorm inside the RCABs.
+        skip: what the network's output is added to. ``"none"`` (the authors): nothing, the
+            pixel-shuffled output of ``last`` is the SR image. ``"baseline"`` (ours): the ESA
+            baseline of the input frames and their quality maps
+            (:class:`models.baseline.ESABaseline`: the mean of the bicubic upscalings of the
+            clearest frames), with ``last`` zero-initialised, so training starts exactly at the
+            baseline and learns a residual on it. Same parameters and state-dict keys either way;
+            the authors' configurations keep exactly their keyword arguments.
 
     ``forward(lrs (B,T,h,w) in [0,1], qms (B,T,h,w) in {0,1}) -> (B,1,scale*h,scale*w)``, SR in
     [0,1] units (not clamped).
@@ -110,16 +118,24 @@ class QANet(nn.Module):
     has_uncertainty = False
 
     def __init__(self, n_modules: int = 12, n_resblocks: int = 8, n_feats: int = 36, reduction: int = 16,
-                 n_heads: int = 1, scale: int = 3, n_frames: int = 9, rcab_bn: bool = False):
+                 n_heads: int = 1, scale: int = 3, n_frames: int = 9, rcab_bn: bool = False, skip: str = "none"):
         super().__init__()
+        if skip not in ("none", "baseline"):
+            raise ValueError(f"qanet: skip must be 'none' or 'baseline', got {skip!r}")
         self.kwargs = dict(n_modules=n_modules, n_resblocks=n_resblocks, n_feats=n_feats, reduction=reduction,
                            n_heads=n_heads, scale=scale, n_frames=n_frames, rcab_bn=rcab_bn)
-        self.frames, self.scale = n_frames, scale
+        if skip != "none":  # the authors' configurations keep exactly their keyword arguments
+            self.kwargs["skip"] = skip
+        self.frames, self.scale, self.skip = n_frames, scale, skip
         self.init = FrameConv(1, n_feats)
         self.lems = nn.Sequential(*[LEM(n_feats, reduction, n_resblocks, n_heads, n_frames, rcab_bn)
                                     for _ in range(n_modules)])
         self.qems = nn.Sequential(*[QEM(n_feats) for _ in range(n_modules)])
         self.last = nn.Conv2d(n_feats, scale * scale, 3, padding=1)
+        if skip == "baseline":
+            self.baseline = ESABaseline(scale)  # no parameters or buffers: the state dict is unchanged
+            nn.init.zeros_(self.last.weight)
+            nn.init.zeros_(self.last.bias)
 
     def forward(self, lrs: torch.Tensor, qms: torch.Tensor) -> torch.Tensor:
         b, t, h, w = lrs.shape
@@ -138,7 +154,8 @@ class QANet(nn.Module):
         x = (x + x0).unflatten(0, (b, t))
         q = q.unflatten(0, (b, t))
         fused = (x * q).sum(1) / q.sum(1)  # QM-weighted mean over frames; q > 0 (a sigmoid)
-        return F.pixel_shuffle(self.last(fused), self.scale)
+        sr = F.pixel_shuffle(self.last(fused), self.scale)
+        return sr + self.baseline(lrs, qms) if self.skip == "baseline" else sr
 
     def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor, alphas: torch.Tensor | None = None) -> dict:
         """The common interface: ``lr (B,T,h,w)`` in [0,1], ``lr_mask`` {0,1} -> ``{"sr": (B,1,3h,3w)}``.

@@ -225,3 +225,29 @@ def test_piunet_baseline_skip_starts_at_the_esa_baseline():
     assert net.conv_d2s_mu.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="skip"):
         build_model("piunet", skip="nearest")
+
+
+def test_qanet_baseline_skip_starts_at_the_esa_baseline(reference):
+    g = torch.Generator().manual_seed(0)
+    lr = torch.rand(2, 4, 12, 12, generator=g)
+    mask = (torch.rand(2, 4, 12, 12, generator=g) < 0.8).float()
+    net = build_model("qanet", **TINY["qanet"], skip="baseline")
+    ref = build_model("qanet", **TINY["qanet"])
+    assert net.state_dict().keys() == ref.state_dict().keys()  # same weights layout as the authors'
+    assert "skip" not in ref.kwargs and net.kwargs["skip"] == "baseline"
+    base = build_model("baseline").super_resolve(lr, mask)["sr"]
+    for mode in ("train", "eval"):
+        out = getattr(net, mode)().super_resolve(lr, mask)["sr"]
+        torch.testing.assert_close(out, base.to(out.dtype), atol=0, rtol=0)  # the baseline before any training
+    net.train().super_resolve(lr, mask)["sr"].sum().backward()  # the zero-initialised last layer still learns
+    assert net.last.weight.grad.abs().sum() > 0
+    rebuilt = build_model("qanet", **net.kwargs)
+    rebuilt.load_state_dict(net.state_dict())
+    assert rebuilt.skip == "baseline"
+    # the default keeps the authors' network: their checkpoint loads strictly, with their keys
+    ref_ckpt = reference["qanet"]
+    authors = from_reference("qanet", ref_ckpt["state_dict"], ref_ckpt["config"])
+    assert authors.skip == "none" and "skip" not in authors.kwargs
+    assert set(authors.state_dict()) == set(ref_ckpt["state_dict"])
+    with pytest.raises(ValueError, match="skip"):
+        build_model("qanet", skip="bilinear")

@@ -138,3 +138,20 @@ def test_piunet_preset_trains_one_band_and_chooses_on_its_cpsnr(synthetic_root, 
     assert criterion(summary, "cpsnr") == -40.0 and criterion(summary, "score") == 0.9
     with pytest.raises(DataError):
         build_dataset(cfg.replace(min_frame_clearance=1.0), "train", training=True, progress=False)
+
+
+@pytest.mark.parametrize("preset", ["cpu_real_qanet", "cpu_real"])
+def test_augmentation_reorders_frames_only_for_order_invariant_models(preset, synthetic_root, tmp_path):
+    """QA-Net's layers depend on a frame's position: its augmented samples keep the order
+    ``frame_order`` gives (clearest first, as evaluated); PIUnet's may be shuffled (it cannot tell)."""
+    cfg = parse_args([f"--preset={preset}", f"--data_dir={synthetic_root}", f"--cache_dir={tmp_path / 'c'}",
+                      "--n_frames=4", "--frame_order=clearest_first", "--min_clear=0"])
+    side = build_dataset(cfg, "val", progress=False).scenes[0]["lr"].shape[-1]
+    ds = build_dataset(cfg.replace(patch_size=side), "train", training=True, progress=False)  # whole scenes
+    assert ds.augment
+    orders = [np.diff(ds[i]["lr_mask"].flatten(1).sum(1).numpy()) for i in range(len(ds))]
+    sorted_samples = sum(bool((d <= 0).all()) for d in orders)
+    if preset == "cpu_real_qanet":
+        assert sorted_samples == len(ds)  # flips and rotations keep each frame's clear count
+    else:
+        assert sorted_samples < len(ds)
