@@ -380,8 +380,8 @@ class ProbaVDataset(Dataset):
             lists them), a ``val``/``test`` scene falls back to its clearest frame, unless
             ``drop_unclear`` leaves such scenes of any split out too (PIUnet's preprocessing).
         augment: for training samples, a random flip/rotation by multiples of 90 degrees (the same
-            for frames, masks and target: a x3 upscaling commutes with them exactly) and a random
-            order of the selected frames (see :func:`augment_sample`).
+            for frames, masks and target: a x3 upscaling commutes with them exactly) and, unless
+            ``keep_order``, a random order of the selected frames (see :func:`augment_sample`).
         patches: ``"random"`` crops (redrawn until ``min_clear`` holds); ``"grid"``: the fixed
             grid of non-overlapping patches whose HR clear fraction is at least ``min_clear``
             (PIUnet's authors); ``"windows"``: TR-MISR's sub-scenes, on which QA-Net's authors train:
@@ -399,7 +399,9 @@ class ProbaVDataset(Dataset):
         padding: a scene with fewer frames than ``n_frames`` (or fewer candidates) is filled up by
             repeating its clearest frame (``"repeat"``) or with zero frames, mask 0 and alpha 0
             (``"zeros"``: the models whose spec says so mask them).
-        keep_order: augmentation leaves the frames in their order (models that rely on it).
+        keep_order: augmentation leaves the frames in the order ``frame_order`` gives (models whose
+            output depends on it: :func:`data.build_dataset` sets it for every model that is not
+            order-invariant, so they train on the order they are scored on).
         views: an authors' input recipe of :data:`data.views.RECIPES` (e.g. TR-MISR's 24 clearest
             frames registered to the first, zero-padded), applied to every scene with ``n_frames``
             views in place of ``selection``, ``min_frame_clearance`` and ``padding``; training
