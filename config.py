@@ -111,7 +111,8 @@ class Config:
     log_every: int = opt(10, "optimizer steps between TensorBoard scalars")
     n_images: int = opt(3, "validation scenes shown as comparison panels")
     val_batch_size: int = opt(4, "full scenes per forward pass at validation")
-    ensemble: bool = opt(False, "valid/predict: average over flips, rotations and frame orders")
+    ensemble: bool = opt(False, "valid/predict: average over flips, rotations (and frame orders where "
+                                  "frame_order=shuffled)")
     save_png: bool = opt(False, "valid.py: write SR images as 16-bit PNGs")
     checkpoint_nir: str = opt("", "predict.py: the NIR band's checkpoint (one checkpoint per band)")
     checkpoint_red: str = opt("", "predict.py: the RED band's checkpoint")

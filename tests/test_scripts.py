@@ -187,6 +187,40 @@ def test_self_ensemble_undoes_every_transform():
     assert out.shape == (2, 1, 36, 36) and torch.isfinite(out).all()
 
 
+def test_self_ensemble_rolls_frames_only_for_models_trained_on_shuffled_frames():
+    """A model trained on one frame order (QA-Net with clearest_first) is ensembled over flips and
+    rotations only, in that order; one trained on shuffled frames also over cyclic frame orders."""
+    from models import build_model
+    from utils.evaluate import _dihedral, _undo_dihedral, super_resolve
+    g = torch.Generator().manual_seed(1)
+    lr = torch.rand(1, 5, 12, 12, generator=g)
+    mask = (torch.rand(1, 5, 12, 12, generator=g) < 0.8).float()
+    torch.manual_seed(0)
+    q = build_model("qanet", n_modules=1, n_resblocks=1, n_feats=8, reduction=4, n_frames=5).eval()
+    for name, buf in q.named_buffers():  # per-position BatchNorm statistics: what makes the order matter
+        if name.endswith("running_mean"):
+            buf.normal_(0, 0.5)
+        elif name.endswith("running_var"):
+            buf.uniform_(0.5, 2.0)
+    transforms = [(k, f) for f in (False, True) for k in range(4)]
+
+    def by_hand(roll: bool) -> torch.Tensor:
+        outs = []
+        for i, (k, f) in enumerate(transforms):
+            x, m = _dihedral(lr, k, f), _dihedral(mask, k, f)
+            if roll:
+                x, m = x.roll(i % 5, 1), m.roll(i % 5, 1)
+            outs.append(_undo_dihedral(q(x, m), k, f))
+        return torch.stack(outs).mean(0).clamp(0, 1)
+
+    with torch.no_grad():
+        fixed, rolled = by_hand(False), by_hand(True)
+        torch.testing.assert_close(super_resolve(q, lr, mask, ensemble=True)["sr"], fixed, atol=1e-6, rtol=0)
+        torch.testing.assert_close(super_resolve(q, lr, mask, ensemble=True, roll_frames=True)["sr"], rolled,
+                                   atol=1e-6, rtol=0)
+    assert (fixed - rolled).abs().max() > 1e-4  # the two differ: the test can tell them apart
+
+
 def test_ctrl_c_saves_last_checkpoint(synthetic_root, tmp_path):
     run = tmp_path / "r"
     cmd = [sys.executable, str(ROOT / "train.py")] + _common(synthetic_root, tmp_path) + TINY_QANET + [

@@ -29,16 +29,18 @@ def _undo_dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def super_resolve(model: nn.Module, lr: torch.Tensor, lr_mask: torch.Tensor, amp: str = "off",
-                  ensemble: bool = False, alphas: torch.Tensor | None = None) -> dict:
+                  ensemble: bool = False, alphas: torch.Tensor | None = None, roll_frames: bool = False) -> dict:
     """SR of ``lr (B,T,h,w)`` in [0,1] with masks ``lr_mask`` and padding flags ``alphas (B,T)`` (None:
     all frames real) -> ``{"sr": (B,1,3h,3w) float32 in [0,1]}`` (+ ``"log_scale"`` for models with
     uncertainty). The SR is clipped to [0,1], or goes through the authors' own output step where
     the model's spec has one (``spec.postprocess``, e.g. TR-MISR's).
 
-    ``ensemble`` averages the 8 flips/rotations of the input, each mapped back; for a model that
-    depends on the frame order (QA-Net) each transform also sees the frames in another cyclic
-    order, unless the order is part of its input (``spec.ordered``: clearest first, padding last).
-    A x3 upscaling commutes exactly with these transforms of the pixel grid.
+    ``ensemble`` averages the 8 flips/rotations of the input, each mapped back. With
+    ``roll_frames`` (a model trained on shuffled frames: ``frame_order="shuffled"``) a model that
+    depends on the frame order (QA-Net) also sees the frames in another cyclic order per
+    transform; one trained on a fixed order keeps it, as does a model whose order is part of its
+    input (``spec.ordered``: clearest first, padding last). A x3 upscaling commutes exactly with
+    these transforms of the pixel grid.
     """
     device = lr.device
     spec = spec_of(model)
@@ -47,7 +49,7 @@ def super_resolve(model: nn.Module, lr: torch.Tensor, lr_mask: torch.Tensor, amp
     acc: dict[str, torch.Tensor] = {}
     for i, (k, f) in enumerate(transforms):
         x, m, a = _dihedral(lr, k, f), _dihedral(lr_mask, k, f), alphas
-        if ensemble and not (spec.order_invariant or spec.ordered):
+        if ensemble and roll_frames and not (spec.order_invariant or spec.ordered):
             shift = i % lr.shape[1]
             x, m, a = x.roll(shift, 1), m.roll(shift, 1), a.roll(shift, 1)
         with autocast(device, amp):
@@ -62,21 +64,23 @@ def super_resolve(model: nn.Module, lr: torch.Tensor, lr_mask: torch.Tensor, amp
 
 def iterate(model: nn.Module, dataset, device: torch.device, amp: str = "off", batch_size: int = 4,
             ensemble: bool = False, indices: Iterable[int] | None = None, progress: bool = True,
-            desc: str = "super-resolving") -> Iterable[tuple[dict, dict]]:
-    """Yield ``(batch, output)`` over full scenes, the batch on ``device``."""
+            desc: str = "super-resolving", roll_frames: bool = False) -> Iterable[tuple[dict, dict]]:
+    """Yield ``(batch, output)`` over full scenes, the batch on ``device`` (``ensemble`` and
+    ``roll_frames``: see :func:`super_resolve`)."""
     ds = Subset(dataset, list(indices)) if indices is not None else dataset
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0,
                         pin_memory=device.type == "cuda")
     model.eval()
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        yield batch, super_resolve(model, batch["lr"], batch["lr_mask"], amp, ensemble, batch.get("alphas"))
+        yield batch, super_resolve(model, batch["lr"], batch["lr_mask"], amp, ensemble, batch.get("alphas"),
+                                   roll_frames)
 
 
 def evaluate(model: nn.Module, dataset, device: torch.device, norm: dict[str, float] | None = None,
              amp: str = "off", batch_size: int = 4, ensemble: bool = False,
              indices: Iterable[int] | None = None, progress: bool = True,
-             on_batch: Callable[[dict, dict], None] | None = None) -> list[dict]:
+             on_batch: Callable[[dict, dict], None] | None = None, roll_frames: bool = False) -> list[dict]:
     """Score every scene of ``dataset`` (which must have HR).
 
     Returns one record per scene: ``scene, band, cpsnr, cssim, norm, score, skipped`` (``skipped``
@@ -85,7 +89,7 @@ def evaluate(model: nn.Module, dataset, device: torch.device, norm: dict[str, fl
     """
     records = []
     for batch, out in iterate(model, dataset, device, amp, batch_size, ensemble, indices, progress,
-                              desc="validating"):
+                              desc="validating", roll_frames=roll_frames):
         if on_batch is not None:
             on_batch(batch, out)
         sr, hr, mask = out["sr"], batch["hr"], batch["hr_mask"]
