@@ -77,7 +77,7 @@ def write_zip(target: Path, setups: dict, bands: list[str], out: Path) -> dict[s
                 model = model.to(device)
                 ds = build_dataset(cfg, "test", band)
                 for batch, result in iterate(model, ds, device, cfg.amp, cfg.val_batch_size, cfg.ensemble,
-                                             desc=f"predicting {band}", roll_frames=cfg.frame_order == "shuffled"):
+                                             desc=f"predicting {band}"):
                     for i, name in enumerate(batch["name"]):
                         img = to_uint16(result["sr"][i])
                         buf = io.BytesIO()

@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
                 (out / "sr" / band).mkdir(parents=True, exist_ok=True)
                 write_png(out / "sr" / band / f"{name}.png", to_uint16(result["sr"][i]))
 
-    records = evaluate(model, ds, device, norm, cfg.amp, cfg.val_batch_size, cfg.ensemble, on_batch=on_batch,
-                       roll_frames=cfg.frame_order == "shuffled")  # other frame orders only if trained on them
+    records = evaluate(model, ds, device, norm, cfg.amp, cfg.val_batch_size, cfg.ensemble, on_batch=on_batch)
     summary = summarize(records)
     write_csv(out / "per_scene.csv", records)
     extra = {}

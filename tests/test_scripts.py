@@ -219,6 +219,17 @@ def test_self_ensemble_rolls_frames_only_for_models_trained_on_shuffled_frames()
         torch.testing.assert_close(super_resolve(q, lr, mask, ensemble=True, roll_frames=True)["sr"], rolled,
                                    atol=1e-6, rtol=0)
     assert (fixed - rolled).abs().max() > 1e-4  # the two differ: the test can tell them apart
+    # valid.py and predict.py go through iterate, which takes the rule from the dataset's frame_order
+    from utils.evaluate import iterate
+
+    class Scenes(list):
+        frame_order = "shuffled"
+
+    for order, want in (("shuffled", rolled), ("clearest_first", fixed)):
+        ds = Scenes([{"lr": lr[0], "lr_mask": mask[0]}])
+        ds.frame_order = order
+        _, out = next(iterate(q, ds, torch.device("cpu"), ensemble=True, progress=False))
+        torch.testing.assert_close(out["sr"], want, atol=1e-6, rtol=0)
 
 
 def test_ctrl_c_saves_last_checkpoint(synthetic_root, tmp_path):

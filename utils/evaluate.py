@@ -64,9 +64,11 @@ def super_resolve(model: nn.Module, lr: torch.Tensor, lr_mask: torch.Tensor, amp
 
 def iterate(model: nn.Module, dataset, device: torch.device, amp: str = "off", batch_size: int = 4,
             ensemble: bool = False, indices: Iterable[int] | None = None, progress: bool = True,
-            desc: str = "super-resolving", roll_frames: bool = False) -> Iterable[tuple[dict, dict]]:
-    """Yield ``(batch, output)`` over full scenes, the batch on ``device`` (``ensemble`` and
-    ``roll_frames``: see :func:`super_resolve`)."""
+            desc: str = "super-resolving") -> Iterable[tuple[dict, dict]]:
+    """Yield ``(batch, output)`` over full scenes, the batch on ``device``. The self-ensemble
+    (``ensemble``) also rolls the frames where the dataset feeds them shuffled (``frame_order``),
+    the order the model was trained on (see :func:`super_resolve`)."""
+    roll_frames = getattr(dataset, "frame_order", None) == "shuffled"
     ds = Subset(dataset, list(indices)) if indices is not None else dataset
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0,
                         pin_memory=device.type == "cuda")
@@ -80,7 +82,7 @@ def iterate(model: nn.Module, dataset, device: torch.device, amp: str = "off", b
 def evaluate(model: nn.Module, dataset, device: torch.device, norm: dict[str, float] | None = None,
              amp: str = "off", batch_size: int = 4, ensemble: bool = False,
              indices: Iterable[int] | None = None, progress: bool = True,
-             on_batch: Callable[[dict, dict], None] | None = None, roll_frames: bool = False) -> list[dict]:
+             on_batch: Callable[[dict, dict], None] | None = None) -> list[dict]:
     """Score every scene of ``dataset`` (which must have HR).
 
     Returns one record per scene: ``scene, band, cpsnr, cssim, norm, score, skipped`` (``skipped``
@@ -89,7 +91,7 @@ def evaluate(model: nn.Module, dataset, device: torch.device, norm: dict[str, fl
     """
     records = []
     for batch, out in iterate(model, dataset, device, amp, batch_size, ensemble, indices, progress,
-                              desc="validating", roll_frames=roll_frames):
+                              desc="validating"):
         if on_batch is not None:
             on_batch(batch, out)
         sr, hr, mask = out["sr"], batch["hr"], batch["hr_mask"]
