@@ -5,6 +5,7 @@
                            [--ref=MODEL=DIR ...]            train samples/s and peak memory per model
     python bench.py loader [--data_dir=...] [--workers=0,2]  decode cache and patch loader samples/s
     python bench.py valid [--device=cuda] [--batch=8]         full-scene validation scenes/s per model
+    python bench.py losses [--device=cpu] [--batch=8] [--patch=96]  forward+backward time per training loss
 
 Every command takes ``--malloc=reuse|system``: on CPU, whether freed memory is kept for reuse as
 the training and evaluation scripts do (the default) or glibc's default is timed.
@@ -105,6 +106,24 @@ def bench_metric(args) -> None:
     k = min(n, 4)
     t = _timeit(lambda: cssim(sr[:k].to(device), hr[:k].to(device), sm[:k].to(device)), device, 1) / k
     print(f"cssim  batched (float64): {t * 1e3:8.2f} ms/scene")
+
+
+def bench_losses(args) -> None:
+    """Forward + backward time of every training loss on a batch of HR-sized float32 patches."""
+    from utils.losses import LOSSES, compute_loss
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    shape = (args.batch, 1, args.patch, args.patch)
+    hr = (torch.rand(shape, generator=g) * 0.2 + 0.2).to(device)
+    mask = (torch.rand(shape, generator=g) < 0.9).float().to(device)
+    sr = (hr.roll(1, -1) + 0.01 * torch.randn(shape, generator=g).to(device)).requires_grad_()
+    log_scale = torch.full(shape, -4.0, device=device, requires_grad=True)
+    print(f"device: {_device_name(device)}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch} x {args.patch}x{args.patch}")
+    for name in LOSSES:
+        def step(name=name):
+            compute_loss(name, {"sr": sr, "log_scale": log_scale}, hr, mask).backward()
+        print(f"{name:18s} {_timeit(step, device, repeat=5) * 1e3:8.2f} ms forward+backward")
 
 
 def authors_config(name: str) -> dict:
@@ -332,7 +351,11 @@ def main(argv=None) -> None:
     lo.add_argument("--workers", default="0,2")
     lo.add_argument("--batch", type=int, default=10)
     lo.add_argument("--epochs", type=int, default=3)
-    for sp in (m, mo, va, lo):
+    ls = sub.add_parser("losses")
+    ls.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ls.add_argument("--batch", type=int, default=8)
+    ls.add_argument("--patch", type=int, default=96, help="HR patch side (3x the LR patch)")
+    for sp in (m, mo, va, lo, ls):
         sp.add_argument("--malloc", default="reuse", choices=["reuse", "system"],
                         help="reuse: keep freed CPU memory for reuse, as train.py, valid.py and predict.py do "
                              "(utils.runtime.reuse_freed_memory); system: glibc's default")
@@ -340,7 +363,8 @@ def main(argv=None) -> None:
     if args.malloc == "reuse":
         from utils.runtime import reuse_freed_memory
         reuse_freed_memory()
-    {"metric": bench_metric, "models": bench_models, "valid": bench_valid, "loader": bench_loader}[args.what](args)
+    {"metric": bench_metric, "models": bench_models, "valid": bench_valid, "loader": bench_loader,
+     "losses": bench_losses}[args.what](args)
 
 
 if __name__ == "__main__":

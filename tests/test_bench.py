@@ -28,3 +28,12 @@ def test_models_prints_throughput_and_peak_memory(capsys):
 def test_models_rejects_unknown_implementation():
     with pytest.raises(SystemExit, match="unknown"):
         bench.main(["models", "--device=cpu", "--models=qanet", "--impls=theirs", "--malloc=system"])
+
+
+def test_losses_prints_a_time_for_every_training_loss(capsys):
+    from utils.losses import LOSSES
+    bench.main(["losses", "--device=cpu", "--batch=2", "--patch=16", "--malloc=system"])
+    out = capsys.readouterr().out
+    times = {r[0]: float(r[1]) for r in (line.split() for line in out.splitlines()) if r and r[0] in LOSSES}
+    assert set(times) == set(LOSSES)
+    assert all(t > 0 for t in times.values())

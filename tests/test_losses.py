@@ -171,3 +171,19 @@ def test_config_and_losses_list_the_same_losses():
     from config import LOSSES as config_losses
     from utils.losses import LOSSES
     assert config_losses == LOSSES
+
+
+def test_registered_l1_in_float32_agrees_with_float64_on_a_training_patch():
+    # the offset is chosen and the bias summed in the input's dtype: float32 training patches
+    # (8 x 96x96, realistic brightness) must give the float64 value and gradient to float precision
+    g = torch.Generator().manual_seed(5)
+    hr = torch.rand(8, 1, 96, 96, generator=g, dtype=torch.float64) * 0.2 + 0.2
+    sr64 = (hr.roll(1, -1) + 0.01 * torch.randn(8, 1, 96, 96, generator=g, dtype=torch.float64)).requires_grad_()
+    mask = (torch.rand(8, 1, 96, 96, generator=g) < 0.9).double()
+    sr32 = sr64.detach().float().requires_grad_()
+    want = registered_l1(sr64, hr, mask)
+    got = registered_l1(sr32, hr.float(), mask.float())
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(sr32.grad.double(), sr64.grad, rtol=1e-4, atol=1e-9)
