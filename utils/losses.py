@@ -97,28 +97,32 @@ def _registered(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, borde
     the SR crop in a full-size ``(B,1,H,W)`` tensor.
 
     The minimum's gradient reaches only the offset that attains it, so each sample's offset is
-    chosen first without autograd (every offset's value, in the input's dtype), and only that
-    offset is evaluated again with autograd: the value and gradient of differentiating the minimum
-    over all 49 offsets, without keeping 49 windows for the backward pass (a batch of 8 96x96
-    patches: about 6x less time than through :func:`utils.metrics.registered_stats`).
+    chosen first without autograd (every offset's value, with the biases of
+    :func:`utils.metrics.registered_stats`), and only that offset is evaluated again with autograd
+    (its bias summed directly): the value and gradient of differentiating the minimum over all
+    offsets, without a backward pass through 49 windows and the FFTs of the biases.
     """
     sr3, hr3, m3 = _check_inputs(sr, hr, hr_mask, border)
-    H, W = sr3.shape[-2:]
+    B, H, W = sr3.shape
     crop = (slice(None), slice(None), slice(border, H - border), slice(border, W - border))
     y_all = shifted_windows(hr3.to(sr.dtype), border)  # (B, S*S, h, w) views, no copies
     m_all = shifted_windows(m3.to(sr.dtype), border)
     x = sr3[:, None, border:H - border, border:W - border]  # (B, 1, h, w)
 
-    def per_offset(y, m, x):  # clear-pixel means over (h, w) -> (B, K), K offsets
-        n = m.sum((-2, -1))
-        bias = (((y - x) * m).sum((-2, -1)) / n.clamp_min(1))[..., None, None]
-        per = (per_pixel(y - x - bias, crop, bias) * m).sum((-2, -1)) / n.clamp_min(1)
+    def clear_mean(per_pixel_values, m, n):  # (B, K, h, w) -> (B, K); inf where no pixel is clear
+        per = (per_pixel_values * m).flatten(2).sum(-1) / n.clamp_min(1)
         return torch.where(n > 0, per, torch.full_like(per, float("inf")))
 
-    with torch.no_grad():
-        best = per_offset(y_all, m_all, x.detach()).min(1)
-    rows = torch.arange(sr3.shape[0], device=sr3.device)
-    picked = per_offset(y_all[rows, best.indices][:, None], m_all[rows, best.indices][:, None], x)[:, 0]
+    with torch.no_grad():  # every offset's value; the biases from cPSNR's core, in float64
+        stats = registered_stats(sr3.detach(), hr3, m3, border)
+        n_all = stats.n.reshape(B, -1).to(sr.dtype)
+        bias_all = stats.bias.reshape(B, -1, 1, 1).to(sr.dtype)
+        best = clear_mean(per_pixel(y_all - x - bias_all, crop, bias_all), m_all, n_all).min(1)
+    rows = torch.arange(B, device=sr3.device)
+    y, m = y_all[rows, best.indices][:, None], m_all[rows, best.indices][:, None]  # (B, 1, h, w)
+    n = m.flatten(1).sum(-1, keepdim=True)  # (B, 1)
+    bias = ((y - x) * m).flatten(2).sum(-1) / n.clamp_min(1)  # differentiable, as in the direct loop
+    picked = clear_mean(per_pixel(y - x - bias[..., None, None], crop, bias[..., None, None]), m, n)[:, 0]
     return _masked_mean(picked, torch.isfinite(best.values))
 
 
