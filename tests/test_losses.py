@@ -174,8 +174,8 @@ def test_config_and_losses_list_the_same_losses():
 
 
 def test_registered_l1_in_float32_agrees_with_float64_on_a_training_patch():
-    # the offset is chosen and the bias summed in the input's dtype: float32 training patches
-    # (8 x 96x96, realistic brightness) must give the float64 value and gradient to float precision
+    # the offsets are compared and the chosen offset's bias is summed in the input's dtype: float32
+    # training patches (8 x 96x96, realistic brightness) must give the float64 value and gradient
     g = torch.Generator().manual_seed(5)
     hr = torch.rand(8, 1, 96, 96, generator=g, dtype=torch.float64) * 0.2 + 0.2
     sr64 = (hr.roll(1, -1) + 0.01 * torch.randn(8, 1, 96, 96, generator=g, dtype=torch.float64)).requires_grad_()

@@ -222,12 +222,13 @@ def test_self_ensemble_rolls_frames_only_for_models_trained_on_shuffled_frames()
     # valid.py and predict.py go through iterate, which takes the rule from the dataset's frame_order
     from utils.evaluate import iterate
 
-    class Scenes(list):
-        frame_order = "shuffled"
+    class Scenes(list):  # a dataset of one scene that says its frame order
+        def __init__(self, scenes: list, frame_order: str):
+            super().__init__(scenes)
+            self.frame_order = frame_order
 
     for order, want in (("shuffled", rolled), ("clearest_first", fixed)):
-        ds = Scenes([{"lr": lr[0], "lr_mask": mask[0]}])
-        ds.frame_order = order
+        ds = Scenes([{"lr": lr[0], "lr_mask": mask[0]}], order)
         _, out = next(iterate(q, ds, torch.device("cpu"), ensemble=True, progress=False))
         torch.testing.assert_close(out["sr"], want, atol=1e-6, rtol=0)
 
