@@ -21,21 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .baseline import ESABaseline
-from .layers import FrameAttention, FrameConv, is_channels_last
-
-RAW_MEAN = 7433.6436  # the authors' standardisation of raw uint16 PROBA-V values
-RAW_STD = 2353.0723
-_FULL = 65535.0  # [0,1] units are raw / 65535
-
-
-def standardize(x01: torch.Tensor) -> torch.Tensor:
-    """Frames in [0,1] (raw/65535) -> the authors' standardised units."""
-    return (x01 * _FULL - RAW_MEAN) / RAW_STD
-
-
-def destandardize(x: torch.Tensor) -> torch.Tensor:
-    """Standardised units -> [0,1] units (raw/65535)."""
-    return (x * RAW_STD + RAW_MEAN) / _FULL
+from .layers import (_FULL, RAW_MEAN, RAW_STD, FrameAttention, FrameConv,  # noqa: F401 (RAW_MEAN re-exported)
+                     destandardize, is_channels_last, standardize)
 
 
 def _frame_mean(x: torch.Tensor, frames: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .baseline import ESABaseline
-from .layers import FrameAttention, FrameBatchNorm, FrameConv
+from .layers import RAW_STD, _FULL, FrameAttention, FrameBatchNorm, FrameConv, destandardize, standardize
 
 
 class ChannelAttention(nn.Module):
@@ -110,6 +110,15 @@ class QANet(nn.Module):
             clearest frames), with ``last`` zero-initialised, so training starts exactly at the
             baseline and learns a residual on it. Same parameters and state-dict keys either way;
             the authors' configurations keep exactly their keyword arguments.
+        standardize: ``False`` (the authors): frames enter in [0,1] units (raw/65535) and the
+            output is in those units. ``True`` (ours): frames enter standardised with the
+            dataset's raw mean and standard deviation (:data:`models.layers.RAW_MEAN`,
+            :data:`models.layers.RAW_STD`, as PIUnet's authors do) and the output is in those
+            units, mapped back to [0,1] units before the baseline is added. Why: in [0,1] units
+            the frames' standard deviation is 0.036 and a residual on the ESA baseline is a few
+            thousandths, so each Adam step of the last layer (about ``lr`` per weight, on
+            BatchNorm-scaled features) moves the output by many times the residual itself;
+            standardised, the same step is 28x finer, as in PIUnet. Same parameters either way.
 
     ``forward(lrs (B,T,h,w) in [0,1], qms (B,T,h,w) in {0,1}) -> (B,1,scale*h,scale*w)``, SR in
     [0,1] units (not clamped).
@@ -118,7 +127,8 @@ class QANet(nn.Module):
     has_uncertainty = False
 
     def __init__(self, n_modules: int = 12, n_resblocks: int = 8, n_feats: int = 36, reduction: int = 16,
-                 n_heads: int = 1, scale: int = 3, n_frames: int = 9, rcab_bn: bool = False, skip: str = "none"):
+                 n_heads: int = 1, scale: int = 3, n_frames: int = 9, rcab_bn: bool = False, skip: str = "none",
+                 standardize: bool = False):
         super().__init__()
         if skip not in ("none", "baseline"):
             raise ValueError(f"qanet: skip must be 'none' or 'baseline', got {skip!r}")
@@ -126,7 +136,9 @@ class QANet(nn.Module):
                            n_heads=n_heads, scale=scale, n_frames=n_frames, rcab_bn=rcab_bn)
         if skip != "none":  # the authors' configurations keep exactly their keyword arguments
             self.kwargs["skip"] = skip
-        self.frames, self.scale, self.skip = n_frames, scale, skip
+        if standardize:
+            self.kwargs["standardize"] = True
+        self.frames, self.scale, self.skip, self.standardize = n_frames, scale, skip, standardize
         self.init = FrameConv(1, n_feats)
         self.lems = nn.Sequential(*[LEM(n_feats, reduction, n_resblocks, n_heads, n_frames, rcab_bn)
                                     for _ in range(n_modules)])
@@ -143,8 +155,9 @@ class QANet(nn.Module):
             raise ValueError(f"QANet was built for n_frames={self.frames}, got {t} frames")
         if qms.shape != lrs.shape:
             raise ValueError(f"QANet: lrs {tuple(lrs.shape)} and qms {tuple(qms.shape)} differ in shape")
+        frames = standardize(lrs) if self.standardize else lrs
         # one shared first convolution for frames and quality maps
-        x, q = self.init(torch.cat([lrs, qms.to(lrs.dtype)]).reshape(2 * b * t, 1, h, w)).chunk(2)
+        x, q = self.init(torch.cat([frames, qms.to(lrs.dtype)]).reshape(2 * b * t, 1, h, w)).chunk(2)
         fmt = getattr(self, "memory_format", torch.contiguous_format)
         x, q = x.contiguous(memory_format=fmt), q.contiguous(memory_format=fmt)
         x0 = x
@@ -155,7 +168,9 @@ class QANet(nn.Module):
         q = q.unflatten(0, (b, t))
         fused = (x * q).sum(1) / q.sum(1)  # QM-weighted mean over frames; q > 0 (a sigmoid)
         sr = F.pixel_shuffle(self.last(fused), self.scale)
-        return sr + self.baseline(lrs, qms) if self.skip == "baseline" else sr
+        if self.skip == "baseline":  # a residual: from standardised units it needs only RAW_STD's scale
+            return (sr * (RAW_STD / _FULL) if self.standardize else sr) + self.baseline(lrs, qms)
+        return destandardize(sr) if self.standardize else sr
 
     def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor, alphas: torch.Tensor | None = None) -> dict:
         """The common interface: ``lr (B,T,h,w)`` in [0,1], ``lr_mask`` {0,1} -> ``{"sr": (B,1,3h,3w)}``.

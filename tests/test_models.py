@@ -251,3 +251,27 @@ def test_qanet_baseline_skip_starts_at_the_esa_baseline(reference):
     assert set(authors.state_dict()) == set(ref_ckpt["state_dict"])
     with pytest.raises(ValueError, match="skip"):
         build_model("qanet", skip="bilinear")
+
+
+def test_qanet_standardize_is_the_same_network_in_standardised_units():
+    """``standardize=True`` feeds the frames as ``(raw - RAW_MEAN) / RAW_STD`` and reads the output
+    in those units: with the same (non-zero) weights it equals the authors' network applied to
+    standardised frames, mapped back to [0,1] units, and its residual on the baseline is that
+    network's output times RAW_STD / 65535."""
+    from models.layers import RAW_STD, destandardize, standardize
+    g = torch.Generator().manual_seed(1)
+    lr = 0.05 + 0.2 * torch.rand(2, 4, 12, 12, generator=g, dtype=torch.float64)
+    mask = (torch.rand(2, 4, 12, 12, generator=g) < 0.8).to(torch.float64)
+    plain = build_model("qanet", **TINY["qanet"]).double().eval()
+    torch.nn.init.normal_(plain.last.weight, std=0.1, generator=g)  # not the zero start: a real output
+    std = build_model("qanet", **TINY["qanet"], standardize=True).double().eval()
+    std_res = build_model("qanet", **TINY["qanet"], skip="baseline", standardize=True).double().eval()
+    for net in (std, std_res):
+        net.load_state_dict(plain.state_dict())  # same parameters and keys
+    with torch.no_grad():
+        inner = plain(standardize(lr), mask)
+        torch.testing.assert_close(std(lr, mask), destandardize(inner))
+        residual = std_res(lr, mask) - std_res.baseline(lr, mask)
+        torch.testing.assert_close(residual, inner * (RAW_STD / 65535.0))
+    assert std_res.kwargs["standardize"] is True and "standardize" not in plain.kwargs
+    assert build_model("qanet", **std_res.kwargs).standardize  # a checkpoint's kwargs rebuild it
