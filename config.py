@@ -199,18 +199,18 @@ PRESETS: dict[str, dict] = {
                      lr_gamma=0.2, lr_unit="epoch", grad_clip=15.0, loss="l1_reg", warmup_loss="", warmup_epochs=0,
                      val_every=10, num_workers=0),
     # Real scenes on a CPU in under 30 minutes, QA-Net: a reduced QA-Net (2 LEM/QEM pairs of two RCABs,
-    # 16 features) that starts from the ESA baseline of its frames and learns a residual on it in
+    # 24 features) that starts from the ESA baseline of its frames and learns a residual on it in
     # standardised units (frames in and residual out in units of the dataset's standard deviation),
     # flips/rotations (frames and quality maps alike; frames clearest first, at training as at
     # evaluation), a moving average of the weights, best.pt chosen on 10% of the train scenes held out.
-    "cpu_real_qanet": dict(model="qanet", model_args=dict(n_modules=2, n_resblocks=2, n_feats=16, reduction=4,
+    "cpu_real_qanet": dict(model="qanet", model_args=dict(n_modules=2, n_resblocks=2, n_feats=24, reduction=4,
                                                           skip="baseline", standardize=True),
                            augment=True, ema=0.995, select_fraction=0.1, band="all", device="cpu", max_minutes=28.0,
-                           epochs=45, batch_size=8, repeats=4, patch_size=32, patches="random", n_frames=9,
+                           epochs=30, batch_size=8, repeats=4, patch_size=32, patches="random", n_frames=9,
                            train_selection="clearest", val_selection="clearest", frame_order="clearest_first",
-                           fill_clouds=True, lr=1e-3, weight_decay=0.0, lr_milestones=(34,), lr_gamma=0.2,
+                           fill_clouds=True, lr=1e-3, weight_decay=0.0, lr_milestones=(23,), lr_gamma=0.2,
                            lr_unit="epoch", grad_clip=15.0, loss="l1_reg", warmup_loss="", warmup_epochs=0,
-                           val_every=5, num_workers=0),
+                           val_every=10, num_workers=0),
     # HighRes-net (Deudon et al.), its config.json "training": 64x64 LR patches at random (no clearance
     # test), 32 views drawn with clearance weights (beta 50) in draw order, zero views (alpha 0) up to 32,
     # Adam 7e-4, ReduceLROnPlateau x0.97 after 2 validations without a better score, validated every
