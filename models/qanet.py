@@ -115,10 +115,10 @@ class QANet(nn.Module):
             dataset's raw mean and standard deviation (:data:`models.layers.RAW_MEAN`,
             :data:`models.layers.RAW_STD`, as PIUnet's authors do) and the output is in those
             units, mapped back to [0,1] units before the baseline is added. Why: in [0,1] units
-            the frames' standard deviation is 0.036 and a residual on the ESA baseline is a few
-            thousandths, so each Adam step of the last layer (about ``lr`` per weight, on
-            BatchNorm-scaled features) moves the output by many times the residual itself;
-            standardised, the same step is 28x finer, as in PIUnet. Same parameters either way.
+            the frames' standard deviation is 0.036 and the target differs from the ESA baseline
+            by about 0.005, while an Adam step of the last layer (about ``lr`` per weight) can
+            move the output by twice that; standardised, the same step is 28x finer
+            (65535 / RAW_STD), as in PIUnet. Same parameters either way.
 
     ``forward(lrs (B,T,h,w) in [0,1], qms (B,T,h,w) in {0,1}) -> (B,1,scale*h,scale*w)``, SR in
     [0,1] units (not clamped).
