@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .baseline import ESABaseline
-from .layers import RAW_STD, _FULL, FrameAttention, FrameBatchNorm, FrameConv, destandardize, standardize
+from .layers import RAW_STD, _FULL, FrameAttention, FrameBatchNorm, FrameConv
+from .layers import destandardize as _destandardize, standardize as _standardize
 
 
 class ChannelAttention(nn.Module):
@@ -155,7 +156,7 @@ class QANet(nn.Module):
             raise ValueError(f"QANet was built for n_frames={self.frames}, got {t} frames")
         if qms.shape != lrs.shape:
             raise ValueError(f"QANet: lrs {tuple(lrs.shape)} and qms {tuple(qms.shape)} differ in shape")
-        frames = standardize(lrs) if self.standardize else lrs
+        frames = _standardize(lrs) if self.standardize else lrs
         # one shared first convolution for frames and quality maps
         x, q = self.init(torch.cat([frames, qms.to(lrs.dtype)]).reshape(2 * b * t, 1, h, w)).chunk(2)
         fmt = getattr(self, "memory_format", torch.contiguous_format)
@@ -170,7 +171,7 @@ class QANet(nn.Module):
         sr = F.pixel_shuffle(self.last(fused), self.scale)
         if self.skip == "baseline":  # a residual: from standardised units it needs only RAW_STD's scale
             return (sr * (RAW_STD / _FULL) if self.standardize else sr) + self.baseline(lrs, qms)
-        return destandardize(sr) if self.standardize else sr
+        return _destandardize(sr) if self.standardize else sr
 
     def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor, alphas: torch.Tensor | None = None) -> dict:
         """The common interface: ``lr (B,T,h,w)`` in [0,1], ``lr_mask`` {0,1} -> ``{"sr": (B,1,3h,3w)}``.
