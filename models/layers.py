@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 RAW_MEAN = 7433.6436  # PIUnet's authors' standardisation of raw uint16 PROBA-V values
 RAW_STD = 2353.0723
 _FULL = 65535.0  # [0,1] units are raw / 65535

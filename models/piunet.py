@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .baseline import ESABaseline
-from .layers import (_FULL, RAW_MEAN, RAW_STD, FrameAttention, FrameConv,  # noqa: F401 (RAW_MEAN re-exported)
-                     destandardize, is_channels_last, standardize)
+from .layers import _FULL, RAW_STD, FrameAttention, FrameConv, destandardize, is_channels_last, standardize
+from .layers import RAW_MEAN as RAW_MEAN  # re-exported: models.piunet.RAW_MEAN
 
 
 def _frame_mean(x: torch.Tensor, frames: int) -> torch.Tensor:

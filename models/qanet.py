@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .baseline import ESABaseline
-from .layers import RAW_STD, _FULL, FrameAttention, FrameBatchNorm, FrameConv
-from .layers import destandardize as _destandardize, standardize as _standardize
+from .layers import _FULL, RAW_STD, FrameAttention, FrameBatchNorm, FrameConv
+from .layers import destandardize as _destandardize
+from .layers import standardize as _standardize
 
 
 class ChannelAttention(nn.Module):
