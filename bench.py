@@ -1,4 +1,4 @@
-"""Benchmarks that print figures; nothing here is a pass/fail test.
+"""Benchmarks that print figures, and one pass/fail check of a GPU machine (gpu-check).
 
     python bench.py metric [--device=cpu] [--scenes=16]      cPSNR/cSSIM speed vs a 49-offset loop
     python bench.py models [--device=cuda] [--amp=off,bf16] [--compile=off,on] [--graphs] [--impls=ours,ours-cl]
@@ -6,6 +6,9 @@
     python bench.py loader [--data_dir=...] [--workers=0,2]  decode cache and patch loader samples/s
     python bench.py valid [--device=cuda] [--batch=8]         full-scene validation scenes/s per model
     python bench.py losses [--device=cpu] [--batch=8] [--patch=96]  forward+backward time per training loss
+    python bench.py gpu-check [--device=cuda|cuda:N|cpu] [--only=A,B] [--list]
+                           every GPU path of train/valid/predict once, PASS/FAIL/SKIP per path
+                           (benchmarks/gpu_check.py; minutes on one GPU)
 
 Every command takes ``--malloc=reuse|system``: on CPU, whether freed memory is kept for reuse as
 the training and evaluation scripts do (the default) or glibc's default is timed.
@@ -21,6 +24,8 @@ import time
 
 import numpy as np
 import torch
+
+from benchmarks import gpu_check
 
 
 def cpsnr_loop(sr: np.ndarray, hr: np.ndarray, sm: np.ndarray, border: int = 3) -> float:
@@ -355,16 +360,19 @@ def main(argv=None) -> None:
     ls.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ls.add_argument("--batch", type=int, default=8)
     ls.add_argument("--patch", type=int, default=96, help="HR patch side (3x the LR patch)")
+    gc_ = sub.add_parser("gpu-check", description=gpu_check.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu_check.add_arguments(gc_)
     for sp in (m, mo, va, lo, ls):
         sp.add_argument("--malloc", default="reuse", choices=["reuse", "system"],
                         help="reuse: keep freed CPU memory for reuse, as train.py, valid.py and predict.py do "
                              "(utils.runtime.reuse_freed_memory); system: glibc's default")
     args = p.parse_args(argv)
-    if args.malloc == "reuse":
+    if getattr(args, "malloc", "") == "reuse":  # gpu-check has none: its paths run in their own processes
         from utils.runtime import reuse_freed_memory
         reuse_freed_memory()
     {"metric": bench_metric, "models": bench_models, "valid": bench_valid, "loader": bench_loader,
-     "losses": bench_losses}[args.what](args)
+     "losses": bench_losses, "gpu-check": gpu_check.main}[args.what](args)
 
 
 if __name__ == "__main__":

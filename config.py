@@ -290,6 +290,8 @@ def _check(cfg: Config) -> Config:
         raise ConfigError(f"window={cfg.window} must be at least patch_size={cfg.patch_size} (patches=windows)")
     if cfg.cuda_graphs and cfg.compile:
         raise ConfigError("cuda_graphs=true and compile=true: choose one (compile has its own graph mode)")
+    if cfg.amp == "fp16" and cfg.device == "cpu":
+        raise ConfigError("amp=fp16 needs a CUDA device; use --amp=bf16 or --amp=off on a CPU")
     if cfg.cuda_graphs and cfg.device == "cpu":
         raise ConfigError("cuda_graphs=true needs a CUDA device; use --device=cuda or --cuda_graphs=false")
     try:  # one source of truth for the frame count, checked before any data loads

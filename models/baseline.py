@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-__all__ = ["keys_cubic", "bicubic_matrix", "bicubic_upscale", "esa_baseline", "ESABaseline"]
+__all__ = ["keys_cubic", "bicubic_matrix", "bicubic_weights", "bicubic_upscale", "esa_baseline", "ESABaseline"]
 
 
 def keys_cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
@@ -38,17 +38,35 @@ def bicubic_matrix(n_in: int, scale: int = 3) -> np.ndarray:
     return m
 
 
+def bicubic_weights(n_in: int, scale: int = 3, device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`bicubic_matrix` built on ``device`` from torch's factory functions: ``(n_in*scale, n_in)``
+    float64.
+
+    Why not copy the NumPy matrix in: a forward pass that copies host data to the GPU cannot be
+    captured as a CUDA graph (and breaks ``torch.compile``'s graph). Keys' kernel is zero outside
+    [-2, 2], so PIL's tap window is the kernel's support clipped to the image; rows are renormalised
+    where it is clipped, as in :func:`bicubic_matrix` (equal to it to float64 rounding)."""
+    centers = (torch.arange(n_in * scale, dtype=torch.float64, device=device) + 0.5) / scale
+    taps = torch.arange(n_in, dtype=torch.float64, device=device) + 0.5
+    x = (taps[None, :] - centers[:, None]).abs()  # distance of each tap to each output centre
+    a = -0.5
+    inner = ((a + 2) * x - (a + 3)) * x * x + 1
+    outer = (((x - 5) * x + 8) * x - 4) * a
+    w = torch.where(x < 1, inner, outer * (x < 2))
+    return w / w.sum(1, keepdim=True)
+
+
 def bicubic_upscale(img: np.ndarray | torch.Tensor, scale: int = 3) -> np.ndarray | torch.Tensor:
     """Upscale ``(..., h, w)`` by ``scale`` with the PIL-style Keys kernel (separable, float64).
 
-    Accepts numpy arrays or torch tensors (any device); returns the same kind, float64.
+    Accepts numpy arrays or torch tensors (any device); returns the same kind, float64. For tensors
+    the kernel is built on the tensor's device (:func:`bicubic_weights`): no host data is copied in.
     """
     h, w = img.shape[-2:]
-    mh, mw = bicubic_matrix(h, scale), bicubic_matrix(w, scale)
     if isinstance(img, torch.Tensor):
-        mh_t = torch.tensor(mh, device=img.device)
-        mw_t = torch.tensor(mw, device=img.device)
-        return mh_t @ img.to(torch.float64) @ mw_t.T
+        mh, mw = bicubic_weights(h, scale, img.device), bicubic_weights(w, scale, img.device)
+        return mh @ img.to(torch.float64) @ mw.T
+    mh, mw = bicubic_matrix(h, scale), bicubic_matrix(w, scale)
     return mh @ np.asarray(img, dtype=np.float64) @ mw.T
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from .layers import full_precision
+
 __all__ = ["HighResNet", "ResidualBlock", "Encoder", "Decoder", "median_reference", "check_alphas", "ViewsModel",
            "map_reference_config", "kwargs_from_reference"]
 
@@ -102,7 +104,7 @@ class Decoder(nn.Module):
         self.final = nn.Conv2d(deconv_channels, 1, final_kernel_size, padding=final_kernel_size // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.final(self.deconv(x))
+        return full_precision(self.final, self.deconv(x))  # the SR in float32 under autocast
 
 
 class RecursiveFusion(nn.Module):

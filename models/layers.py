@@ -29,6 +29,20 @@ def destandardize(x: torch.Tensor) -> torch.Tensor:
     return (x * RAW_STD + RAW_MEAN) / _FULL
 
 
+def full_precision(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` computed in float32 (or float64 for a float64 ``x``) even inside an autocast region.
+
+    For the last layer of a network, whose output is the SR image itself: under bf16 autocast a
+    convolution returns bf16, 8 bits of mantissa, which quantises an SR of about 13,000 DN to steps
+    of 64 DN before the loss, the score and the submission. Everything before it keeps autocast's
+    speed; this one layer (a few channels at most) costs little in float32."""
+    kind = x.device.type
+    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+        return layer(x)
+    with torch.autocast(kind, enabled=False):
+        return layer(x if x.dtype == torch.float64 else x.float())
+
+
 def is_channels_last(x: torch.Tensor) -> bool:
     """Whether a 4-D tensor is stored channels-last (and not also plainly contiguous, as when C=1)."""
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -137,19 +151,25 @@ class FrameAttention(nn.Module):
         return self._from_seq(out, query.shape, frames, is_channels_last(query))
 
 
-class FrameBatchNorm(nn.BatchNorm2d):
-    """The authors' ``BatchNorm3d(T)`` on ``(B, T, C, H, W)``: one statistic per frame index, over
-    the batch, the channels and the pixels. ``forward(x (B*T,C,H,W)) -> (B*T,C,H,W)``."""
+def frame_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """The authors' ``BatchNorm3d(T)`` on ``(B, T, C, H, W)`` -- one statistic per frame index, over
+    the batch, the channels and the pixels -- applied with ``bn`` (a ``BatchNorm2d(T)``, or the
+    ``SyncBatchNorm(T)`` it becomes under DDP) to frame-batched features ``x (B*T,C,H,W)`` ->
+    ``(B*T,C,H,W)``.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        bt, c, h, w = x.shape
-        t = self.num_features
-        if bt % t:
-            raise ValueError(f"this model was built for T={t} frames; got a batch of {bt} frames")
-        if is_channels_last(x):  # physically (B*T, H, W, C): normalise (B, T, H*W*C, 1), a view
-            y = super().forward(x.permute(0, 2, 3, 1).reshape(bt // t, t, h * w * c, 1))
-            return y.reshape(bt, h, w, c).permute(0, 3, 1, 2)
-        return super().forward(x.view(bt // t, t, c * h, w)).view(bt, c, h, w)
+    A function, not a BatchNorm subclass with its own forward: ``SyncBatchNorm.convert_sync_batchnorm``
+    (what DDP recipes call) replaces every BatchNorm module by a plain ``SyncBatchNorm`` and would
+    drop a reshape that lived inside it. Kept here, the reshape survives the conversion and the
+    state-dict keys stay the authors' (``tnorm1.weight``, ``tnorm1.running_mean``, ...).
+    """
+    bt, c, h, w = x.shape
+    t = bn.num_features
+    if bt % t:
+        raise ValueError(f"this model was built for T={t} frames; got a batch of {bt} frames")
+    if is_channels_last(x):  # physically (B*T, H, W, C): normalise (B, T, H*W*C, 1), a view
+        y = bn(x.permute(0, 2, 3, 1).reshape(bt // t, t, h * w * c, 1))
+        return y.reshape(bt, h, w, c).permute(0, 3, 1, 2)
+    return bn(x.view(bt // t, t, c * h, w)).view(bt, c, h, w)
 
 
-__all__ = ["FrameConv", "FrameAttention", "FrameBatchNorm", "is_channels_last", "request_channels_last"]
+__all__ = ["FrameConv", "FrameAttention", "frame_norm", "full_precision", "is_channels_last", "request_channels_last"]

@@ -21,7 +21,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .baseline import ESABaseline
-from .layers import _FULL, RAW_STD, FrameAttention, FrameConv, destandardize, is_channels_last, standardize
+from .layers import (
+    _FULL,
+    RAW_STD,
+    FrameAttention,
+    FrameConv,
+    destandardize,
+    full_precision,
+    is_channels_last,
+    standardize,
+)
 from .layers import RAW_MEAN as RAW_MEAN  # re-exported: models.piunet.RAW_MEAN
 
 
@@ -147,8 +156,9 @@ class PIUnet(nn.Module):
         # bilinear upscaling is linear: the mean of the upscaled frames is the upscaled mean
         if base is None:
             base = self._up(lrs.mean(1, keepdim=True))
-        mu = F.pixel_shuffle(self.conv_d2s_mu(x), self.scale) + base
-        s = self.conv_out_sigma(F.leaky_relu(self.norm_sigma(self.conv_d2s_sigma(self._up(x)))))
+        # the last layers in float32 under autocast: bf16 would quantise the SR and its scale
+        mu = F.pixel_shuffle(full_precision(self.conv_d2s_mu, x), self.scale) + base
+        s = full_precision(self.conv_out_sigma, F.leaky_relu(self.norm_sigma(self.conv_d2s_sigma(self._up(x)))))
         return mu, s
 
     def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor | None = None,

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .baseline import ESABaseline
-from .layers import _FULL, RAW_STD, FrameAttention, FrameBatchNorm, FrameConv
+from .layers import _FULL, RAW_STD, FrameAttention, FrameConv, frame_norm, full_precision
 from .layers import destandardize as _destandardize
 from .layers import standardize as _standardize
 
@@ -70,18 +70,18 @@ class LEM(nn.Module):
         super().__init__()
         self.frames = frames
         self.mha1 = FrameAttention(channels, heads)
-        self.tnorm1 = FrameBatchNorm(frames)
+        self.tnorm1 = nn.BatchNorm2d(frames)  # per frame index: see frame_norm
         self.mha2 = FrameAttention(channels, heads)
-        self.tnorm2 = FrameBatchNorm(frames)
+        self.tnorm2 = nn.BatchNorm2d(frames)
         self.rg1 = ResidualGroup(channels, reduction, blocks, bn)
         self.cnorm1 = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         t = self.frames
         x = self.cnorm1(x + self.rg1(x))  # the authors add the group's output to its input again
-        x = self.tnorm1(x + self.mha1(x, None, t))
+        x = frame_norm(self.tnorm1, x + self.mha1(x, None, t))
         # queries from the quality features, keys and values from the frame features
-        return self.tnorm2(x + self.mha2(q, x, t))
+        return frame_norm(self.tnorm2, x + self.mha2(q, x, t))
 
 
 class QEM(nn.Module):
@@ -169,7 +169,7 @@ class QANet(nn.Module):
         x = (x + x0).unflatten(0, (b, t))
         q = q.unflatten(0, (b, t))
         fused = (x * q).sum(1) / q.sum(1)  # QM-weighted mean over frames; q > 0 (a sigmoid)
-        sr = F.pixel_shuffle(self.last(fused), self.scale)
+        sr = F.pixel_shuffle(full_precision(self.last, fused), self.scale)  # float32 under autocast
         if self.skip == "baseline":  # a residual: from standardised units it needs only RAW_STD's scale
             return (sr * (RAW_STD / _FULL) if self.standardize else sr) + self.baseline(lrs, qms)
         return _destandardize(sr) if self.standardize else sr

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .highresnet import Encoder, ViewsModel, check_alphas, map_reference_config, median_reference
+from .layers import full_precision
 
 __all__ = ["TRMISR", "kwargs_from_reference", "postprocess", "TRMISR_MAX"]
 
@@ -43,6 +44,32 @@ def postprocess(sr):
     return (sr - sr.min(axis=(-2, -1), keepdims=True)).clip(0, TRMISR_MAX)  # NumPy
 
 
+# Sequences (LR pixels) per attention kernel launch on CUDA. The fused SDPA kernels put the sequences
+# on a grid axis of their own, and CUDA grids stop at 65535 there: a 128x128 scene is 16384 sequences,
+# so full-scene validation at val_batch_size=4 makes 65536, one too many, and nothing verifies that
+# torch splits them itself. (QA-Net's FrameAttention chunks the same way, models/layers.py.)
+_ATTENTION_ROWS = 32768
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, scale: float,
+               rows: int) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)`` on ``(N, heads, n, d)``,
+    run on at most ``rows`` sequences at a time and concatenated: the same values, and the gradients
+    flow through ``torch.cat``.
+
+    ``keep`` is ``(N,1,1,n)`` bool, sliced along with the sequences, or broadcastable with a leading
+    dimension of 1 (or fewer dimensions), passed whole to every chunk.
+    """
+    n = q.shape[0]
+    if n <= rows:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+    per_sequence = keep is not None and keep.dim() == q.dim() and keep.shape[0] == n
+    return torch.cat([
+        F.scaled_dot_product_attention(q[i:i + rows], k[i:i + rows], v[i:i + rows],
+                                       attn_mask=keep[i:i + rows] if per_sequence else keep, scale=scale)
+        for i in range(0, n, rows)])
+
+
 class FrameSelfAttention(nn.Module):
     """Multi-head self-attention over a sequence of frame tokens, padded frames masked as keys.
 
@@ -62,7 +89,8 @@ class FrameSelfAttention(nn.Module):
         q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # each (N,h,n,d)
         # masked logits become -inf (the authors: -float32 max); the same weights, as the class
         # token is never masked and no row is empty
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scale)
+        # in chunks on CUDA only (see _ATTENTION_ROWS); on CPU one call, nothing to split
+        out = _attention(q, k, v, keep, self.scale, _ATTENTION_ROWS if q.is_cuda else q.shape[0])
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -141,7 +169,7 @@ class PixelShuffleDecoder(nn.Module):
                                    nn.PReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pixel_shuffle(self.final(x), self.scale)
+        return F.pixel_shuffle(full_precision(self.final, x), self.scale)  # float32 under autocast
 
 
 class TRMISR(ViewsModel):

@@ -186,6 +186,43 @@ def test_fusion_ignores_trailing_padding(name, n_real):
     assert (a - c).abs().max().item() > 1e-4
 
 
+@pytest.mark.parametrize("per_sequence", [True, False], ids=["keep_per_sequence", "keep_broadcast"])
+def test_trmisr_chunked_attention_matches_one_call(monkeypatch, per_sequence):
+    # on CUDA TR-MISR splits the pixels' sequences into chunks (grids stop at 65535 rows); forced here
+    # on CPU with chunks of 7 over 50 sequences, the last one short: same output and gradients
+    torch.manual_seed(0)
+    n, heads, frames, d, rows = 50, 2, 6, 4, 7
+    q, k, v = (torch.randn(n, heads, frames, d, requires_grad=True) for _ in range(3))
+    if per_sequence:  # (N,1,1,n) as ClassTokenFusion builds it: token 0 (the class token) always kept
+        keep = torch.arange(frames) < torch.randint(1, frames + 1, (n, 1))
+        assert not keep.all(1).all() and keep.all(1).any()  # some sequences padded, some not
+        keep = keep[:, None, None, :]
+    else:  # broadcast over the sequences
+        keep = (torch.arange(frames) < 4)[None, None, None, :]
+    grad_out = torch.randn(n, heads, frames, d)
+    scale = 0.3
+
+    def run(fn):
+        out = fn()
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        return out.detach(), grads
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    expected = run(lambda: sdpa(q, k, v, attn_mask=keep, scale=scale))
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(trmisr.F, "scaled_dot_product_attention", spy)
+    got = run(lambda: trmisr._attention(q, k, v, keep, scale, rows))
+    assert calls == [7] * 7 + [1]  # chunked, every sequence once
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
+    for g, e, name in zip(got[1], expected[1], "qkv", strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
 def _scene_crop(scene_dir, y0: int, x0: int, size: int, frames: int) -> tuple:
     """The ``frames`` clearest LR frames of a probav scene (raw uint16) and their QMs, cropped, and the
     matching HR crop in [0,1] and its status map."""

@@ -34,7 +34,7 @@ import torch.nn as nn
 from config import CommandLine, Config, ConfigError
 from models import MODELS, TRAINABLE, build_model, check_frames, model_kwargs, name_of, released_state, spec_of
 
-from .runtime import atomic_torch_save
+from .runtime import atomic_torch_save, resolve_device
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "load_for_eval",
            "unwrap"]
@@ -170,6 +170,14 @@ def model_from_checkpoint(path: str | os.PathLike, model_name: str | None = None
     return model.eval(), ckpt
 
 
+def _on_cuda(device: str) -> bool:
+    """Whether ``--device=device`` is a CUDA GPU on this machine (fp16 autocast is CUDA's only)."""
+    try:
+        return resolve_device(device).type == "cuda"
+    except RuntimeError:  # asked for CUDA where there is none: open_device says so later
+        return False
+
+
 def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") -> tuple[Config, nn.Module, Path]:
     """Config (the checkpoint's, changed where the command line says so), the model, and the output folder.
 
@@ -195,8 +203,15 @@ def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") 
         raise CheckpointError(f"{cfg.checkpoint}: holds a {name_of(model)}, not a {cfg.model}; "
                               f"drop --model (the checkpoint names its model) or use --model={name_of(model)}")
     if ckpt.get("config"):
-        base = Config.from_dict(ckpt["config"]).replace(split="val", out_dir="", resume=False, device="auto")
+        # the training run's settings, less what only trained it (graphs, compile) or only fits its machine
+        base = Config.from_dict(ckpt["config"]).replace(split="val", out_dir="", resume=False, device="auto",
+                                                        cuda_graphs=False, compile=False)
+        if base.amp == "fp16" and not _on_cuda(dict(command.overrides).get("device", "auto")):
+            base = base.replace(amp="off")  # trained with fp16 on a GPU: evaluated in float32 here
         cfg = command.onto(base, checkpoint=cfg.checkpoint)
+    if cfg.amp == "fp16" and not _on_cuda(cfg.device):
+        raise ConfigError(f"--amp=fp16 needs a CUDA device, and device={cfg.device!r} is not one here; "
+                          f"use --amp=bf16 or --amp=off")
     try:
         check_frames(model, cfg.n_frames)
     except ValueError as e:

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from .files import atomic_path
 
 __all__ = ["reuse_freed_memory", "release_freed_memory", "resolve_device", "open_device", "autocast", "make_scaler",
-           "make_optimizer", "cuda_graphed", "seed_everything", "rng_state", "set_rng_state", "Dist",
-           "init_distributed", "atomic_torch_save"]
+           "make_optimizer", "load_scaler_state", "cuda_graphed", "seed_everything", "rng_state", "set_rng_state",
+           "Dist", "init_distributed", "atomic_torch_save"]
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
@@ -81,12 +81,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def open_device(name: str, local_rank: int = 0) -> torch.device:
     """:func:`resolve_device`, then set the process up for it: on CPU glibc keeps freed memory for
-    reuse (:func:`reuse_freed_memory`); on CUDA cuDNN benchmarks its kernels and keeps the fastest
-    (training patches and evaluation scenes have fixed shapes). For the scripts' one device."""
+    reuse (:func:`reuse_freed_memory`); on CUDA the process's current device becomes ``device``
+    (``--device=cuda:1`` in one process: CUDA-graph capture, the pinned-memory thread and tensors made
+    without a device follow the current device, GPU 0 until set) and cuDNN benchmarks its kernels
+    and keeps the fastest (training patches and evaluation scenes have fixed shapes). For the
+    scripts' one device."""
     device = resolve_device(name, local_rank)
     if device.type == "cpu":
         reuse_freed_memory()
     if device.type == "cuda":
+        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     return device
 
@@ -106,6 +110,14 @@ def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """Restore a gradient scaler's saved state where both the run saved and the run resumed use fp16;
+    otherwise the scaler starts afresh (a run saved without fp16 holds an empty state, which
+    ``load_state_dict`` refuses; one resumed without fp16 has a disabled scaler)."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
+
+
 def make_optimizer(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Adam:
     """Adam; on CUDA the fused kernel, which updates all of QA-Net's ~1,300 small tensors in a few
     launches instead of several per tensor (same update rule, equal to float32 rounding)."""
@@ -119,7 +131,9 @@ def cuda_graphed(module: torch.nn.Module, sample_args: tuple, amp: str) -> torch
     returned module runs eagerly. ``module`` should be a thin wrapper around the network: its
     ``forward`` is replaced; the network's own stays usable for evaluation. One difference from eager
     autograd: parameters that no output's loss reaches (PIUnet's uncertainty head under an L1 loss)
-    get zero gradients rather than none."""
+    get zero gradients rather than none, and gradients are handed back in static buffers that the next
+    replay overwrites: :class:`utils.trainer.Trainer` restores ``None`` for the first and copies the
+    second before accumulating micro-batches."""
     # the capture's warm-up passes run in training mode: keep the BatchNorm statistics as they were
     buffers = {k: v.detach().clone() for k, v in module.state_dict().items()}
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -195,6 +209,8 @@ class Dist:
             dist.barrier()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of ``t`` over the processes. ``t`` must be on the training device: an NCCL group
+        (CUDA) serves CUDA tensors only."""
         if self.enabled:
             t = t.clone()
             dist.all_reduce(t)
@@ -217,8 +233,6 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     place = Dist.from_env()
     device = open_device(device_name, place.local_rank)
     if place.enabled and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return place, device
 

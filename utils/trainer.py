@@ -44,6 +44,7 @@ from .runtime import (
     Dist,
     autocast,
     cuda_graphed,
+    load_scaler_state,
     make_optimizer,
     make_scaler,
     release_freed_memory,
@@ -107,6 +108,8 @@ def wrap(net: nn.Module, cfg: Config, dist: Dist, device: torch.device) -> nn.Mo
     if cfg.cuda_graphs and (device.type != "cuda" or dist.enabled):
         raise ConfigError("cuda_graphs=true needs a single CUDA process (not CPU, not torchrun); "
                           "drop --cuda_graphs or use --amp/--compile instead")
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"amp=fp16 needs a CUDA device, and this run is on {device}; use --amp=bf16 or --amp=off")
     model: nn.Module = SRModule(net)
     if dist.enabled:
         # an uncertainty head gets no gradient from the losses that ignore it (registered L1)
@@ -165,7 +168,11 @@ class Trainer:
         if ckpt is not None:
             self.restore(ckpt)
         self.model = wrap(self.net, cfg, dist, device)
-        self.graphed: nn.Module | None = None  # CUDA graphs, captured at the first training batch
+        # CUDA graphs: how the training forward+backward is captured (a stand-in in the CPU tests),
+        # captured at the first training batch; None: eager
+        self.capture = cuda_graphed if cfg.cuda_graphs else None
+        self.graphed: nn.Module | None = None
+        self._unreached: dict[str, list[nn.Parameter]] = {}  # loss -> parameters it never reaches
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
@@ -182,7 +189,7 @@ class Trainer:
             self.ema.n_averaged.fill_(ckpt["ema_updates"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        load_scaler_state(self.scaler, ckpt["scaler"])  # a run may resume with another --amp
         best = ckpt["best_score"]
         self.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"],
                                  math.inf if best is None else best)
@@ -209,10 +216,44 @@ class Trainer:
 
     def _forward(self, mb: dict) -> dict:
         inputs = (mb["lr"], mb["lr_mask"], mb["alphas"])
-        if self.cfg.cuda_graphs and self.graphed is None:
-            self.graphed = cuda_graphed(SRModule(self.net), inputs, self.cfg.amp)
+        if self.capture is not None and self.graphed is None:
+            self.graphed = self.capture(SRModule(self.net), inputs, self.cfg.amp)
         with autocast(self.device, self.cfg.amp):
             return (self.model if self.graphed is None else self.graphed)(*inputs)
+
+    def unreached(self, loss_name: str, mb: dict) -> list[nn.Parameter]:
+        """The parameters that loss ``loss_name`` never reaches (PIUnet's uncertainty head under an L1
+        loss), found once per loss by an eager forward and backward on ``mb`` that changes nothing
+        (BatchNorm statistics updated on copies). Eager autograd leaves their gradient None, and
+        Adam then skips them; a replayed CUDA graph gives them zeros, which Adam would count as
+        steps (moving them by weight decay and running their step count on with empty moments)."""
+        if loss_name not in self._unreached:
+            core = SRModule(self.net)
+            params = dict(core.named_parameters())
+            buffers = {k: v.clone() for k, v in core.named_buffers()}
+            with autocast(self.device, self.cfg.amp):
+                out = torch.func.functional_call(core, (params, buffers), (mb["lr"], mb["lr_mask"], mb["alphas"]))
+                loss = compute_loss(loss_name, out, mb["hr"], mb["hr_mask"])
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            self._unreached[loss_name] = [p for p, g in zip(params.values(), grads, strict=True) if g is None]
+        return self._unreached[loss_name]
+
+    def _backward(self, mb: dict, a: int) -> torch.Tensor:
+        """Forward and backward of micro-batch ``a`` of the step, gradients summed into ``.grad``;
+        returns the loss (detached)."""
+        cfg = self.cfg
+        last = not self.dist.enabled or a == cfg.accum_steps - 1
+        with nullcontext() if last else self.model.no_sync():
+            loss = compute_loss(self.loss_name(), self._forward(mb), mb["hr"], mb["hr_mask"])
+            self.scaler.scale(loss / cfg.accum_steps).backward()
+        if self.graphed is not None and a == 0 and cfg.accum_steps > 1:
+            # the graphed backward hands autograd its static gradient buffers, which become .grad
+            # when .grad is None; the next replay would overwrite them (the sum would read twice
+            # the last micro-batch). Own copies make autograd add the next micro-batches in place.
+            for p in self.net.parameters():
+                if p.grad is not None:
+                    p.grad = p.grad.clone()
+        return loss.detach()
 
     def train_step(self, batches: Iterator[dict], keeper: CheckpointKeeper) -> tuple[float, int]:
         """One optimizer step over ``accum_steps`` micro-batches drawn from ``batches``.
@@ -226,17 +267,20 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros(3, dtype=torch.float64)  # [loss, stop requested, time up], summed over processes
+        # [loss, stop requested, time up], summed over processes: on the training device, the only
+        # one an NCCL process group serves
+        total = torch.zeros(3, dtype=torch.float64, device=self.device)
         samples = 0
         for a in range(cfg.accum_steps):
             mb = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
                   for k, v in next(batches).items()}
-            last = not dist.enabled or a == cfg.accum_steps - 1
-            with nullcontext() if last else self.model.no_sync():
-                loss = compute_loss(self.loss_name(), self._forward(mb), mb["hr"], mb["hr_mask"])
-                self.scaler.scale(loss / cfg.accum_steps).backward()
-            total[0] += loss.detach().double().cpu() / cfg.accum_steps
+            if self.capture is not None:
+                unreached = self.unreached(self.loss_name(), mb)
+            total[0] += self._backward(mb, a).double() / cfg.accum_steps
             samples += len(mb["name"]) * dist.world
+        if self.graphed is not None:
+            for p in unreached:  # as eager autograd leaves them: Adam skips them
+                p.grad = None
         total[1], total[2] = keeper.local_flags()
         total = dist.all_reduce_sum(total)
         mean_loss = float(total[0]) / dist.world
