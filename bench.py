@@ -250,8 +250,8 @@ def bench_models(args) -> None:
 def bench_valid(args) -> None:
     """Full-scene validation throughput: SR of (B,T,128,128) batches plus cPSNR, per model (T: the views
     its authors' recipe feeds, ``spec.n_views``, else 9)."""
+    from engine.evaluate import super_resolve
     from models import build_model, spec_of
-    from utils.evaluate import super_resolve
     from utils.metrics import cpsnr
     device = torch.device(args.device)
     print(f"device: {_device_name(device)}, batch {args.batch} scenes, amp {args.amp}")

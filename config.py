@@ -23,6 +23,10 @@ from utils.losses import LOSSES as _LOSSES
 __all__ = ["Config", "PRESETS", "CommandLine", "parse_command", "parse_args", "ConfigError", "CHOICES", "LOSSES"]
 
 
+# fields renamed since earlier versions (old name -> new), read from older checkpoints' configs
+RENAMED = {"select_fraction": "holdout_fraction", "select_metric": "best_metric"}
+
+
 class ConfigError(ValueError):
     """An unknown key or a bad value on the command line or in a preset."""
 
@@ -73,14 +77,14 @@ class Config:
     min_frame_clearance: float = opt(0.0, "select only frames clearer than this (PIUnet: 0.85); train scenes "
                                      "without one are dropped, val/test scenes fall back to their clearest frame")
     repeats: int = opt(1, "random patches drawn per scene per epoch")
-    drop_unclear_eval: bool = opt(False, "also leave out val/select scenes with no frame clearer than "
+    drop_unclear_eval: bool = opt(False, "also leave out val/holdout scenes with no frame clearer than "
                                          "min_frame_clearance (PIUnet's preprocessing); train scenes always are")
     fill_clouds: bool = opt(False, "replace cloudy LR pixels by the median of the clear frames (data.fill_clouds)")
     augment: bool = opt(False, "random flips/90-degree rotations and frame order of training samples")
     num_workers: int = opt(2, "data-loader worker processes (0: load in the main process)")
     cache_dir: str = opt("results/cache", "decoded scenes (.npz), rebuilt when a PNG changes")
     val_fraction: float = opt(0.1, "carve of val/ from train/ when the root has none")
-    select_fraction: float = opt(0.0, "share of train/ scenes held out to choose best.pt (0: choose on `split`)")
+    holdout_fraction: float = opt(0.0, "share of train/ scenes held out to choose best.pt (0: choose on `split`)")
     val_scenes: int = opt(0, "validate on the first N scenes per band only (0: all)")
 
     # --- optimisation --------------------------------------------------------------------------
@@ -104,7 +108,7 @@ class Config:
 
     # --- logging and evaluation --------------------------------------------------------------------
     val_every: int = opt(5, "epochs between validations (and best.pt updates)")
-    select_metric: str = opt("score", "what best.pt is chosen on: score (Kelvin score over the bands trained) | "
+    best_metric: str = opt("score", "what best.pt is chosen on: score (Kelvin score over the bands trained) | "
                                       "cpsnr (mean cPSNR)")
     plan: bool = opt(False, "train.py: print the data, steps, schedule and validation of the run, then exit "
                             "without training or writing anything")
@@ -128,6 +132,9 @@ class Config:
     def from_dict(cls, d: dict) -> "Config":
         """Rebuild from :meth:`to_dict` output (a checkpoint); keys this version lacks are dropped."""
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {RENAMED.get(k, k): v for k, v in d.items()}  # checkpoints of earlier versions
+        if d.get("split") == "select":
+            d["split"] = "holdout"
         d = {k: v for k, v in d.items() if k in names}
         if "lr_milestones" in d:
             d["lr_milestones"] = tuple(d["lr_milestones"])
@@ -141,7 +148,7 @@ LOSSES = _LOSSES  # utils.losses: the one table of losses
 CHOICES = {
     "model": tuple(MODELS),
     "band": ("NIR", "RED", "all"),
-    "split": ("train", "select", "val", "test"),
+    "split": ("train", "holdout", "val", "test"),
     "amp": ("off", "bf16", "fp16"),
     "train_selection": ("clearest", "weighted", "coverage", "all"),
     "val_selection": ("clearest", "weighted", "coverage", "all"),
@@ -150,7 +157,7 @@ CHOICES = {
     "warmup_loss": ("",) + tuple(LOSSES),
     "patches": ("random", "grid", "windows"),
     "frame_order": ("selection", "shuffled", "clearest_first"),
-    "select_metric": ("score", "cpsnr"),
+    "best_metric": ("score", "cpsnr"),
 }
 
 # Presets: the authors' published recipes, and a demo that runs in minutes on a laptop CPU.
@@ -176,7 +183,7 @@ PRESETS: dict[str, dict] = {
                    patch_size=32, n_frames=9, train_selection="clearest", val_selection="clearest",
                    register=True, min_frame_clearance=0.85, patches="grid", min_clear=0.1,
                    lr_milestones=(150_000,), lr_gamma=0.2, lr_unit="step", grad_clip=15.0,
-                   loss="l1u_reg", warmup_loss="l1_reg_std", warmup_epochs=1, val_every=1, select_metric="cpsnr",
+                   loss="l1u_reg", warmup_loss="l1_reg_std", warmup_epochs=1, val_every=1, best_metric="cpsnr",
                    drop_unclear_eval=True),
     # Synthetic scenes (generated on first use), a small PIUnet that starts from the ESA baseline and
     # learns a residual on it, fed cloud-filled frames, flips/rotations, a moving average of the
@@ -193,7 +200,7 @@ PRESETS: dict[str, dict] = {
     # average of the weights, best.pt chosen on 10% of the train scenes held out; about 17 minutes
     # of training on 2 cores, stopped at 26 minutes on a slower machine.
     "cpu_real": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4, skip="baseline"),
-                     augment=True, ema=0.995, select_fraction=0.1, band="all", device="cpu", max_minutes=26.0,
+                     augment=True, ema=0.995, holdout_fraction=0.1, band="all", device="cpu", max_minutes=26.0,
                      epochs=45, batch_size=8, repeats=4, patch_size=32, n_frames=9, train_selection="clearest",
                      val_selection="clearest", fill_clouds=True, lr=1e-3, weight_decay=0.0, lr_milestones=(34,),
                      lr_gamma=0.2, lr_unit="epoch", grad_clip=15.0, loss="l1_reg", warmup_loss="", warmup_epochs=0,
@@ -205,7 +212,7 @@ PRESETS: dict[str, dict] = {
     # evaluation), a moving average of the weights, best.pt chosen on 10% of the train scenes held out.
     "cpu_real_qanet": dict(model="qanet", model_args=dict(n_modules=2, n_resblocks=2, n_feats=24, reduction=4,
                                                           skip="baseline", standardize=True),
-                           augment=True, ema=0.995, select_fraction=0.1, band="all", device="cpu", max_minutes=28.0,
+                           augment=True, ema=0.995, holdout_fraction=0.1, band="all", device="cpu", max_minutes=28.0,
                            epochs=30, batch_size=8, repeats=4, patch_size=32, patches="random", n_frames=9,
                            train_selection="clearest", val_selection="clearest", frame_order="clearest_first",
                            fill_clouds=True, lr=1e-3, weight_decay=0.0, lr_milestones=(23,), lr_gamma=0.2,
@@ -283,7 +290,7 @@ def _check(cfg: Config) -> Config:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be at least 1")
     if not 0.0 <= cfg.ema < 1.0:
         raise ConfigError(f"ema={cfg.ema} must lie in [0, 1): the decay of the weights' moving average")
-    for key in ("min_clear", "min_frame_clearance", "select_fraction", "window_min_clear"):
+    for key in ("min_clear", "min_frame_clearance", "holdout_fraction", "window_min_clear"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must lie in [0, 1]")
     if cfg.patches == "windows" and cfg.window < cfg.patch_size:

@@ -22,9 +22,9 @@ from PIL import Image
 
 from config import CommandLine, Config, ConfigError, parse_command
 from data import BANDS, DataError, build_dataset
+from engine.checkpoint import CheckpointError, load_for_eval
+from engine.evaluate import iterate, to_uint16
 from models import spec_of
-from utils.checkpoint import CheckpointError, load_for_eval
-from utils.evaluate import iterate, to_uint16
 from utils.files import WriteError, atomic_path, sweep_temporaries
 from utils.runtime import open_device
 

@@ -6,8 +6,8 @@
     torchrun --nproc_per_node=4 train.py --preset=piunet --data_dir=/data/probav
 
 Writes a run folder (``out_dir``): ``config.json``, ``checkpoints/last.pt`` and ``best.pt`` (the best
-score of the scenes that choose: the selection split, else the validation split; see
-``utils.keeper``), TensorBoard events and ``images/`` (comparison panels). ``--resume`` continues
+score of the scenes that choose: the holdout split, else the validation split; see
+``engine.keeper``), TensorBoard events and ``images/`` (comparison panels). ``--resume`` continues
 the run in ``out_dir`` exactly where ``last.pt`` left it. Options: ``config.py``.
 """
 from __future__ import annotations
@@ -23,13 +23,13 @@ from tqdm import tqdm
 
 from config import CommandLine, Config, ConfigError, parse_command
 from data import DataError, ProbaVDataset, build_dataset, read_norm
+from engine.checkpoint import CheckpointError, load_checkpoint
+from engine.keeper import CheckpointKeeper
+from engine.plan import format_plan, make_plan
+from engine.trainer import Trainer, TrainingDiverged, describe
 from models import spec_of
-from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.files import EventWriter, FolderInUse, WriteError, atomic_write_text, folder_lock, sweep_temporaries
-from utils.keeper import CheckpointKeeper
-from utils.plan import format_plan, make_plan
 from utils.runtime import Dist, init_distributed, seed_everything
-from utils.trainer import Trainer, TrainingDiverged, describe
 
 INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
 
@@ -49,8 +49,8 @@ def datasets(cfg: Config, progress: bool) -> tuple[ProbaVDataset, ProbaVDataset,
     """Training patches, the full validation scenes, and the full scenes that choose ``best.pt``
     (None: the validation scenes choose)."""
     train = build_dataset(cfg, "train", training=True, progress=progress)
-    select = build_dataset(cfg, "select", progress=progress) if cfg.select_fraction > 0 else None
-    return train, build_dataset(cfg, cfg.split, progress=progress), select
+    holdout = build_dataset(cfg, "holdout", progress=progress) if cfg.holdout_fraction > 0 else None
+    return train, build_dataset(cfg, cfg.split, progress=progress), holdout
 
 
 def run_folder(cfg: Config) -> Path:
@@ -112,15 +112,15 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
     stopped by Ctrl-C only saved."""
     seed_everything(cfg.seed)
     prepare_data_dir(cfg, dist)
-    train_ds, val_ds, select_ds = datasets(cfg, progress=dist.main)
+    train_ds, val_ds, holdout_ds = datasets(cfg, progress=dist.main)
     norm_file = Path(cfg.data_dir) / "norm.csv"
     norm = read_norm(norm_file) if norm_file.exists() else {}
     trainer = Trainer(cfg, dist, device, ckpt)
-    keeper = CheckpointKeeper(trainer.run, cfg.max_steps, cfg.max_minutes, main=dist.main, metric=cfg.select_metric)
+    keeper = CheckpointKeeper(trainer.run, cfg.max_steps, cfg.max_minutes, main=dist.main, metric=cfg.best_metric)
     p, summary = trainer.progress, None
 
     def validate_and_keep(scheduled: bool = False) -> dict:
-        summary, chooser = trainer.validate(val_ds, norm, writer, select_ds)
+        summary, chooser = trainer.validate(val_ds, norm, writer, holdout_ds)
         keeper.consider(chooser, trainer)
         if scheduled:  # only the every-val_every validations move a plateau schedule: resuming stays exact
             trainer.schedule_on(chooser)

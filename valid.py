@@ -21,9 +21,9 @@ from pathlib import Path
 
 from config import ConfigError, parse_command
 from data import BANDS, DataError, build_dataset, read_norm, write_png
+from engine.checkpoint import CheckpointError, load_for_eval
+from engine.evaluate import evaluate, summarize, to_uint16
 from models import spec_of
-from utils.checkpoint import CheckpointError, load_for_eval
-from utils.evaluate import evaluate, summarize, to_uint16
 from utils.files import WriteError, atomic_path, atomic_write_text, sweep_temporaries
 from utils.runtime import open_device
 from utils.uncertainty import UncertaintyReport, format_table, reliability_plot

@@ -20,7 +20,7 @@ def build_dataset(cfg, split: str, band: str | None = None, training: bool = Fal
 
     Args:
         cfg: the run's config.
-        split: ``train``, ``select``, ``val`` or ``test`` (see :func:`data.split_scenes`).
+        split: ``train``, ``holdout``, ``val`` or ``test`` (see :func:`data.split_scenes`).
         band: ``NIR``, ``RED`` or ``all``; default ``cfg.band``.
         training: training samples (random or grid patches, ``train_selection``, augmentation,
             ``repeats``); otherwise full scenes with ``val_selection`` for scoring and prediction, or
@@ -30,7 +30,7 @@ def build_dataset(cfg, split: str, band: str | None = None, training: bool = Fal
     """
     spec = spec_of(cfg.model)
     common = dict(bands=band or cfg.band, n_frames=cfg.n_frames, seed=cfg.seed, cache_dir=cfg.cache_dir or None,
-                  val_fraction=cfg.val_fraction, select_fraction=cfg.select_fraction, progress=progress,
+                  val_fraction=cfg.val_fraction, holdout_fraction=cfg.holdout_fraction, progress=progress,
                   fill_clouds=cfg.fill_clouds, register=cfg.register, min_frame_clearance=cfg.min_frame_clearance,
                   frame_order=cfg.frame_order, cache_write=cache_write, padding=spec.padding,
                   # augmentation reorders frames only where the output cannot depend on it: a model that

@@ -56,22 +56,22 @@ def _carve(scenes: list[Path], fraction: float, seed: int) -> tuple[list[Path], 
 
 
 def split_scenes(root: str | os.PathLike, split: str, band: str, val_fraction: float = VAL_FRACTION,
-                 seed: int = VAL_SEED, select_fraction: float = 0.0) -> list[Path]:
+                 seed: int = VAL_SEED, holdout_fraction: float = 0.0) -> list[Path]:
     """Scene folders of one split and band.
 
     ``train``/``val`` use ``root/val`` when it exists. Without it, ``val`` is ``ceil(val_fraction*n)``
     scenes of ``root/train/band`` picked by a permutation seeded with ``seed`` and ``train`` is the
-    rest, so the two never overlap. With ``select_fraction > 0``, ``select`` (for choosing
-    checkpoints) is ``ceil(select_fraction*n)`` of those training scenes, picked by a permutation
+    rest, so the two never overlap. With ``holdout_fraction > 0``, ``holdout`` (for choosing
+    checkpoints) is ``ceil(holdout_fraction*n)`` of those training scenes, picked by a permutation
     seeded with ``seed + 1``, and ``train`` is what remains.
     """
     root = Path(root)
-    if split not in ("train", "select", "val", "test"):
-        raise ValueError(f"split must be one of train, select, val, test; got {split!r}")
+    if split not in ("train", "holdout", "val", "test"):
+        raise ValueError(f"split must be one of train, holdout, val, test; got {split!r}")
     if band not in BANDS:
         raise ValueError(f"band must be one of {', '.join(BANDS)}; got {band!r}")
-    if split == "select" and select_fraction <= 0:
-        raise ValueError("the select split needs select_fraction > 0")
+    if split == "holdout" and holdout_fraction <= 0:
+        raise ValueError("the holdout split needs holdout_fraction > 0")
     if split == "test" or (split == "val" and (root / "val").is_dir()):
         return list_scenes(root, split, band)
     pool = list_scenes(root, "train", band)
@@ -80,8 +80,8 @@ def split_scenes(root: str | os.PathLike, split: str, band: str, val_fraction: f
         if split == "val":
             picked, how = val, f"val_fraction={val_fraction}"
     if split != "val":
-        pool, select = _carve(pool, select_fraction, seed + 1) if select_fraction > 0 else (pool, [])
-        picked, how = (select, f"select_fraction={select_fraction}") if split == "select" else (pool, "the carves")
+        pool, holdout = _carve(pool, holdout_fraction, seed + 1) if holdout_fraction > 0 else (pool, [])
+        picked, how = (holdout, f"holdout_fraction={holdout_fraction}") if split == "holdout" else (pool, "the carves")
     if not picked:
         raise DataError(f"{root / 'train' / band}: the {split} split left by {how} is empty "
                         f"({len(list_scenes(root, 'train', band))} scenes in train/)")
@@ -364,7 +364,7 @@ class ProbaVDataset(Dataset):
         cache_dir: on-disk decode cache (None: decode PNGs on every construction).
         val_fraction: the carve of ``val`` from ``train`` when the root has no ``val/`` (seeded with
             :data:`VAL_SEED`, the same on every machine).
-        select_fraction: the carve of ``select`` (checkpoint selection) from ``train`` (see
+        holdout_fraction: the carve of ``select`` (checkpoint selection) from ``train`` (see
             :func:`split_scenes`); ``train`` then leaves those scenes out.
         progress: show a tqdm bar while scenes load.
         cache_write: write decoded scenes into ``cache_dir`` (False: only read what is there).
@@ -414,7 +414,7 @@ class ProbaVDataset(Dataset):
                  cache_dir: str | os.PathLike | None = None, val_fraction: float = VAL_FRACTION,
                  progress: bool = True, repeats: int = 1, fill_clouds: bool = False,
                  register: bool = False, min_frame_clearance: float = 0.0, patches: str = "random",
-                 augment: bool = False, select_fraction: float = 0.0, window: int = 64, window_stride: int = 32,
+                 augment: bool = False, holdout_fraction: float = 0.0, window: int = 64, window_stride: int = 32,
                  window_min_clear: float = 0.85, frame_order: str = "selection", cache_write: bool = True,
                  drop_unclear: bool = False, padding: str = "repeat", keep_order: bool = False, views: str = ""):
         root = Path(root)
@@ -440,7 +440,7 @@ class ProbaVDataset(Dataset):
                              f"{tuple(RECIPES)} (got {views!r})")
         self.repeats, self.fill_clouds, self.min_frame_clearance = repeats, fill_clouds, min_frame_clearance
         self.augment, self.padding, self.keep_order, self.views = augment, padding, keep_order, views
-        paths = [p for b in bands for p in split_scenes(root, split, b, val_fraction, VAL_SEED, select_fraction)]
+        paths = [p for b in bands for p in split_scenes(root, split, b, val_fraction, VAL_SEED, holdout_fraction)]
         if not paths:
             raise DatasetNotFoundError(f"{root}: no scene in split {split!r} for bands {bands}")
         cache = Path(cache_dir) if cache_dir is not None else None

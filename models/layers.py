@@ -14,20 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-RAW_MEAN = 7433.6436  # PIUnet's authors' standardisation of raw uint16 PROBA-V values
-RAW_STD = 2353.0723
-_FULL = 65535.0  # [0,1] units are raw / 65535
-
-
-def standardize(x01: torch.Tensor) -> torch.Tensor:
-    """Frames in [0,1] (raw/65535) -> standardised units ``(raw - RAW_MEAN) / RAW_STD``."""
-    return (x01 * _FULL - RAW_MEAN) / RAW_STD
-
-
-def destandardize(x: torch.Tensor) -> torch.Tensor:
-    """Standardised units -> [0,1] units (raw/65535)."""
-    return (x * RAW_STD + RAW_MEAN) / _FULL
-
 
 def full_precision(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` computed in float32 (or float64 for a float64 ``x``) even inside an autocast region.

@@ -7,8 +7,8 @@ predicted 5x5 filter per frame, applied to all of that frame's channels), averag
 residual plus the mean of the bilinearly upscaled input frames; a second head predicts the
 log-scale ``s`` of a Laplace likelihood (the uncertainty).
 
-The core ``forward`` keeps the authors' numerics: frames standardised with :data:`RAW_MEAN` and
-:data:`RAW_STD` (raw uint16 units) in, ``(mu, s)`` in those standardised units out.
+The core ``forward`` keeps the authors' numerics: frames standardised with :data:`utils.units.RAW_MEAN` and
+:data:`utils.units.RAW_STD` (raw uint16 units) in, ``(mu, s)`` in those standardised units out.
 :meth:`PIUnet.super_resolve` is the one place that maps frames in [0,1] to SR in [0,1] and the
 log-scale to [0,1] units, so training, validation and prediction never see the standardisation.
 """
@@ -20,18 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.units import STD_UNIT, destandardize, standardize
+
 from .baseline import ESABaseline
-from .layers import (
-    _FULL,
-    RAW_STD,
-    FrameAttention,
-    FrameConv,
-    destandardize,
-    full_precision,
-    is_channels_last,
-    standardize,
-)
-from .layers import RAW_MEAN as RAW_MEAN  # re-exported: models.piunet.RAW_MEAN
+from .layers import FrameAttention, FrameConv, full_precision, is_channels_last
 
 
 def _frame_mean(x: torch.Tensor, frames: int) -> torch.Tensor:
@@ -173,7 +165,7 @@ class PIUnet(nn.Module):
                 raise ValueError("piunet with skip='baseline' needs the quality maps (lr_mask)")
             base = standardize(self.baseline(lr, lr_mask))
         mu, s = self(standardize(lr), base)
-        return {"sr": destandardize(mu), "log_scale": s + math.log(RAW_STD / _FULL)}
+        return {"sr": destandardize(mu), "log_scale": s + math.log(STD_UNIT)}
 
 
 def authors_network(checkout: str) -> nn.Module:

@@ -16,10 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.units import STD_UNIT
+from utils.units import destandardize as _destandardize
+from utils.units import standardize as _standardize
+
 from .baseline import ESABaseline
-from .layers import _FULL, RAW_STD, FrameAttention, FrameConv, frame_norm, full_precision
-from .layers import destandardize as _destandardize
-from .layers import standardize as _standardize
+from .layers import FrameAttention, FrameConv, frame_norm, full_precision
 
 
 class ChannelAttention(nn.Module):
@@ -114,8 +116,8 @@ class QANet(nn.Module):
             the authors' configurations keep exactly their keyword arguments.
         standardize: ``False`` (the authors): frames enter in [0,1] units (raw/65535) and the
             output is in those units. ``True`` (ours): frames enter standardised with the
-            dataset's raw mean and standard deviation (:data:`models.layers.RAW_MEAN`,
-            :data:`models.layers.RAW_STD`, as PIUnet's authors do) and the output is in those
+            dataset's raw mean and standard deviation (:data:`utils.units.RAW_MEAN`,
+            :data:`utils.units.RAW_STD`, as PIUnet's authors do) and the output is in those
             units, mapped back to [0,1] units before the baseline is added. Why: in [0,1] units
             the frames' standard deviation is 0.036 and the target differs from the ESA baseline
             by about 0.005, while an Adam step of the last layer (about ``lr`` per weight) can
@@ -170,8 +172,8 @@ class QANet(nn.Module):
         q = q.unflatten(0, (b, t))
         fused = (x * q).sum(1) / q.sum(1)  # QM-weighted mean over frames; q > 0 (a sigmoid)
         sr = F.pixel_shuffle(full_precision(self.last, fused), self.scale)  # float32 under autocast
-        if self.skip == "baseline":  # a residual: from standardised units it needs only RAW_STD's scale
-            return (sr * (RAW_STD / _FULL) if self.standardize else sr) + self.baseline(lrs, qms)
+        if self.skip == "baseline":  # a residual: from standardised units it needs only their scale
+            return (sr * STD_UNIT if self.standardize else sr) + self.baseline(lrs, qms)
         return _destandardize(sr) if self.standardize else sr
 
     def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor, alphas: torch.Tensor | None = None) -> dict:

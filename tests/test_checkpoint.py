@@ -15,8 +15,8 @@ import predict
 import train
 import valid
 from conftest import ROOT
+from engine.checkpoint import CheckpointError, load_checkpoint
 from test_scripts import TINY_PIUNET, _common
-from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.runtime import rng_state, set_rng_state
 
 

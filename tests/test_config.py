@@ -17,7 +17,7 @@ def test_presets_follow_the_published_recipes():
     assert (p.model, p.lr, p.batch_size, p.patch_size, p.n_frames, p.epochs) == ("piunet", 1e-4, 24, 32, 9, 750)
     assert (p.lr_milestones, p.lr_gamma, p.lr_unit, p.grad_clip) == ((150_000,), 0.2, "step", 15.0)
     assert (p.warmup_loss, p.warmup_epochs, p.loss) == ("l1_reg_std", 1, "l1u_reg")
-    assert (p.band, p.val_every, p.select_metric) == ("NIR", 1, "cpsnr")  # one model per band, as the authors
+    assert (p.band, p.val_every, p.best_metric) == ("NIR", 1, "cpsnr")  # one model per band, as the authors
     assert (q.patches, q.window, q.window_stride, q.window_min_clear, q.frame_order) == ("windows", 64, 32, 0.85,
                                                                                          "shuffled")
     d = parse_args(["--preset=demo"])

@@ -296,13 +296,13 @@ def test_step_batch_sampler_splits_steps_over_processes_and_accumulation():
 
 def test_select_split_is_carved_from_train_and_disjoint(synthetic_root):
     for band in ("NIR", "RED"):
-        train = set(split_scenes(synthetic_root, "train", band, select_fraction=0.34))
-        select = set(split_scenes(synthetic_root, "select", band, select_fraction=0.34))
+        train = set(split_scenes(synthetic_root, "train", band, holdout_fraction=0.34))
+        holdout = set(split_scenes(synthetic_root, "holdout", band, holdout_fraction=0.34))
         everything = set(split_scenes(synthetic_root, "train", band))
-        val = set(split_scenes(synthetic_root, "val", band, select_fraction=0.34))
-        assert len(select) == 2 and train | select == everything and not train & select and not val & everything
-    with pytest.raises(ValueError, match="select_fraction"):
-        split_scenes(synthetic_root, "select", "NIR")
+        val = set(split_scenes(synthetic_root, "val", band, holdout_fraction=0.34))
+        assert len(holdout) == 2 and train | holdout == everything and not train & holdout and not val & everything
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        split_scenes(synthetic_root, "holdout", "NIR")
 
 
 def test_augmentation_keeps_lr_and_hr_aligned():

@@ -7,8 +7,8 @@ import sys
 import torch
 
 from conftest import ROOT
+from engine.checkpoint import load_checkpoint
 from test_scripts import TINY_PIUNET, TINY_QANET, _common
-from utils.checkpoint import load_checkpoint
 
 
 def _run(cmd: list[str]) -> None:

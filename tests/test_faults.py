@@ -31,8 +31,8 @@ import train
 import valid
 from conftest import ROOT
 from data import CacheWarning, ProbaVDataset, load_scene_cached, split_scenes
+from engine.checkpoint import load_checkpoint
 from test_scripts import TINY_QANET, _assert_same_state, _common
-from utils.checkpoint import load_checkpoint
 from utils.files import FolderInUse, WriteError, folder_lock
 
 TEMPORARY = re.compile(r"^\..*\.tmp\.")  # the temporary files of utils.files.atomic_path

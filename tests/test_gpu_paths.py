@@ -19,12 +19,12 @@ import predict
 import train
 import valid
 from config import PRESETS, Config, ConfigError, parse_args
+from engine.checkpoint import load_checkpoint
+from engine.keeper import CheckpointKeeper
+from engine.trainer import Trainer
 from models import TRAINABLE, build_model, model_kwargs, request_channels_last
 from test_scripts import TINY_PIUNET, TINY_QANET, _common
-from utils.checkpoint import load_checkpoint
-from utils.keeper import CheckpointKeeper
 from utils.runtime import Dist, atomic_torch_save, open_device
-from utils.trainer import Trainer
 
 # small configurations of every trainable model, with BatchNorms where the model has them
 SMALL = {"qanet": dict(n_modules=1, n_resblocks=1, n_feats=8, reduction=4, n_frames=4, rcab_bn=True),

@@ -258,7 +258,7 @@ def test_qanet_standardize_is_the_same_network_in_standardised_units():
     in those units: with the same (non-zero) weights it equals the authors' network applied to
     standardised frames, mapped back to [0,1] units, and its residual on the baseline is that
     network's output times RAW_STD / 65535."""
-    from models.layers import RAW_STD, destandardize, standardize
+    from utils.units import RAW_STD, destandardize, standardize
     g = torch.Generator().manual_seed(1)
     lr = 0.05 + 0.2 * torch.rand(2, 4, 12, 12, generator=g, dtype=torch.float64)
     mask = (torch.rand(2, 4, 12, 12, generator=g) < 0.8).to(torch.float64)

@@ -32,10 +32,10 @@ def test_plan_figures_for_a_root_of_known_counts(synthetic_root, tmp_path, capsy
     assert plan["lr_milestones_steps"] == [12, 32] and plan["lr_milestones_epochs"] == [3, 8]
     assert plan["val_every_epochs"] == 4 and plan["validations"] == 3  # epochs 4, 8 and the last
     step = _plan(capsys, common + ["--preset=qanet", "--patches=random", "--batch_size=2", "--epochs=5",
-                                   "--lr_unit=step", "--lr_milestones=6", "--band=RED", "--select_fraction=0.5"])
-    assert step["scenes"] == {"train": {"RED": 1}, "val": {"RED": 2}, "select": {"RED": 2}}
+                                   "--lr_unit=step", "--lr_milestones=6", "--band=RED", "--holdout_fraction=0.5"])
+    assert step["scenes"] == {"train": {"RED": 1}, "val": {"RED": 2}, "holdout": {"RED": 2}}
     assert (step["steps_per_epoch"], step["total_steps"], step["lr_milestones_steps"]) == (0, 0, [6])
-    assert "select split" in step["best_pt_chosen_on"]
+    assert "holdout split" in step["best_pt_chosen_on"]
     assert not out.exists() and not cache.exists()
 
 
@@ -132,10 +132,10 @@ def test_window_crops_stay_inside_their_window(synthetic_root, tmp_path):
 
 def test_piunet_preset_trains_one_band_and_chooses_on_its_cpsnr(synthetic_root, tmp_path):
     cfg = parse_args(["--preset=piunet", f"--data_dir={synthetic_root}"])
-    assert cfg.band == "NIR" and cfg.select_metric == "cpsnr" and cfg.val_every == 1
-    from utils.keeper import criterion
+    assert cfg.band == "NIR" and cfg.best_metric == "cpsnr" and cfg.val_every == 1
+    from engine.keeper import rank_value
     summary = {"all": {"cpsnr": 40.0, "score": 0.9}}
-    assert criterion(summary, "cpsnr") == -40.0 and criterion(summary, "score") == 0.9
+    assert rank_value(summary, "cpsnr") == -40.0 and rank_value(summary, "score") == 0.9
     with pytest.raises(DataError):
         build_dataset(cfg.replace(min_frame_clearance=1.0), "train", training=True, progress=False)
 

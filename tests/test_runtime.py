@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import train
+from engine.checkpoint import load_checkpoint
+from engine.trainer import SRModule
 from test_scripts import TINY_QANET, _common
-from utils.checkpoint import load_checkpoint
 from utils.runtime import atomic_torch_save, autocast, make_scaler
-from utils.trainer import SRModule
 
 
 def test_autocast_and_scaler_choices():

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+import engine.trainer
 import predict
 import train
-import utils.trainer
 import valid
 from config import ConfigError
 from conftest import ROOT, shared_path
 from data import DatasetNotFoundError, read_png
-from utils.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint
 
 TINY_QANET = ["--model=qanet", '--model_args={"n_modules": 1, "n_resblocks": 1, "n_feats": 8, "reduction": 4}',
               "--loss=cpsnr"]
@@ -96,7 +96,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(synthetic_roo
     def nan_loss(name, out, hr, hr_mask):
         return out["sr"].sum() * float("nan")
 
-    monkeypatch.setattr(utils.trainer, "compute_loss", nan_loss)
+    monkeypatch.setattr(engine.trainer, "compute_loss", nan_loss)
     with pytest.raises(train.TrainingDiverged, match="loss is nan.*last good checkpoint"):
         train.main(args + ["--resume", "--max_steps=3"])
     after = _weights(run / "checkpoints" / "last.pt")
@@ -171,8 +171,8 @@ def test_valid_baseline_scores_one_and_skips_scenes_without_clear_pixels(synthet
 def test_self_ensemble_undoes_every_transform():
     """The ESA baseline commutes with flips and rotations (symmetric kernel), so its self-ensemble
     equals its plain output; a wrong inverse transform would not."""
+    from engine.evaluate import super_resolve
     from models import build_model
-    from utils.evaluate import super_resolve
     g = torch.Generator().manual_seed(0)
     lr = torch.rand(2, 5, 12, 12, generator=g)
     mask = (torch.rand(2, 5, 12, 12, generator=g) < 0.8).float()
@@ -190,8 +190,8 @@ def test_self_ensemble_undoes_every_transform():
 def test_self_ensemble_rolls_frames_only_for_models_trained_on_shuffled_frames():
     """A model trained on one frame order (QA-Net with clearest_first) is ensembled over flips and
     rotations only, in that order; one trained on shuffled frames also over cyclic frame orders."""
+    from engine.evaluate import _dihedral, _undo_dihedral, super_resolve
     from models import build_model
-    from utils.evaluate import _dihedral, _undo_dihedral, super_resolve
     g = torch.Generator().manual_seed(1)
     lr = torch.rand(1, 5, 12, 12, generator=g)
     mask = (torch.rand(1, 5, 12, 12, generator=g) < 0.8).float()
@@ -220,7 +220,7 @@ def test_self_ensemble_rolls_frames_only_for_models_trained_on_shuffled_frames()
                                    atol=1e-6, rtol=0)
     assert (fixed - rolled).abs().max() > 1e-4  # the two differ: the test can tell them apart
     # valid.py and predict.py go through iterate, which takes the rule from the dataset's frame_order
-    from utils.evaluate import iterate
+    from engine.evaluate import iterate
 
     class Scenes(list):  # a dataset of one scene that says its frame order
         def __init__(self, scenes: list, frame_order: str):
@@ -277,18 +277,19 @@ def test_cycle_on_real_scenes(tmp_path):
         assert len(z.namelist()) == 2
 
 
-QUALITY = ["--augment", "--ema=0.9", "--select_fraction=0.25",
+QUALITY = ["--augment", "--ema=0.9", "--holdout_fraction=0.25",
            '--model_args={"n_feats": 8, "n_tefa": 1, "r_bneck": 4, "skip": "baseline"}']
 
 
 def test_resume_is_exact_with_ema_augmentation_and_a_selection_split(synthetic_root, tmp_path, monkeypatch):
     args = _common(synthetic_root, tmp_path) + TINY_PIUNET + QUALITY
     chooser = []
-    real = utils.trainer.validate
-    monkeypatch.setattr(utils.trainer, "validate", lambda *a, **k: chooser.append(k.get("tag", "val")) or real(*a, **k))
+    real = engine.trainer.validate
+    monkeypatch.setattr(engine.trainer, "validate",
+                        lambda *a, **k: chooser.append(k.get("tag", "val")) or real(*a, **k))
     # 2 of 3 train scenes per band left (one held out to choose best.pt), batch 2: 2 steps per epoch
     full = train.main(args + [f"--out_dir={tmp_path / 'full'}", "--max_steps=5"])
-    assert "select" in chooser and "val" in chooser
+    assert "holdout" in chooser and "val" in chooser
     part = tmp_path / "part"
     train.main(args + [f"--out_dir={part}", "--max_steps=3"])
     train.main(args + [f"--out_dir={part}", "--resume", "--max_steps=5"])

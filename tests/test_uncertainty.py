@@ -255,8 +255,8 @@ def test_valid_reports_the_uncertainty_of_a_tiny_piunet(synthetic_root, tmp_path
     import valid
     from config import parse_args
     from data import build_dataset
+    from engine.checkpoint import save_checkpoint
     from models import build_model
-    from utils.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     cfg = parse_args(["--preset=piunet", f"--data_dir={synthetic_root}", f"--cache_dir={tmp_path / 'c'}",

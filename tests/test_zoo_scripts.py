@@ -20,8 +20,8 @@ import predict
 import train
 import valid
 from conftest import shared_path
+from engine.checkpoint import CheckpointError, load_checkpoint
 from test_scripts import _assert_same_state, _common
-from utils.checkpoint import CheckpointError, load_checkpoint
 
 TINY = {"highresnet": {"n_feats": 8, "n_resblocks": 1, "deconv_channels": 4},
         "misrgru": {"n_feats": 8, "n_resblocks": 1, "gru_channels": [8], "gru_kernel_sizes": [3], "deconv_channels": 4},
@@ -138,7 +138,7 @@ def test_bare_state_dicts_load_directly(synthetic_root, tmp_path):
 
 
 def test_the_released_misrgru_weights_load(tmp_path):
-    from utils.checkpoint import model_from_checkpoint
+    from engine.checkpoint import model_from_checkpoint
     path = shared_path("weights", "misrgru", "MISR-GRU.pth")
     model, ckpt = model_from_checkpoint(path, "misrgru")
     assert ckpt["config"] is None and sum(p.numel() for p in model.parameters()) == 923_468
@@ -169,7 +169,7 @@ def test_weights_that_fit_no_layout_are_refused_and_nothing_is_written(synthetic
         valid.main([f"--checkpoint={tmp_path / 'TRNet.pth'}"] + common)
     # one of our checkpoints with another --model
     from config import parse_args
-    from utils.checkpoint import save_checkpoint
+    from engine.checkpoint import save_checkpoint
     save_checkpoint(tmp_path / "ours.pt", model=build_model("highresnet", **TINY["highresnet"]),
                     config=parse_args(["--preset=highresnet"]).to_dict())
     with pytest.raises(CheckpointError, match=r"ours\.pt: holds a highresnet, not a trmisr"):

@@ -37,9 +37,8 @@ from typing import Callable
 
 import torch
 
-from models.piunet import RAW_STD
-
-from .metrics import _as_bhw, _check_inputs, registered_stats, shifted_windows
+from .metrics import as_bhw, check_metric_inputs, registered_stats, shifted_windows
+from .units import FULL_SCALE, RAW_STD
 
 __all__ = ["LOSSES", "LossSpec", "cpsnr_loss", "qanet_released_loss", "registered_l1", "registered_l1_uncertainty",
            "compute_loss"]
@@ -102,7 +101,7 @@ def _registered(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, borde
     (its bias summed directly): the value and gradient of differentiating the minimum over all
     offsets, without a backward pass through 49 windows and the FFTs of the biases.
     """
-    sr3, hr3, m3 = _check_inputs(sr, hr, hr_mask, border)
+    sr3, hr3, m3 = check_metric_inputs(sr, hr, hr_mask, border)
     B, H, W = sr3.shape
     crop = (slice(None), slice(None), slice(border, H - border), slice(border, W - border))
     y_all = shifted_windows(hr3.to(sr.dtype), border)  # (B, S*S, h, w) views, no copies
@@ -134,7 +133,7 @@ def registered_l1(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, bor
 def registered_l1_uncertainty(sr: torch.Tensor, log_scale: torch.Tensor, hr: torch.Tensor,
                               hr_mask: torch.Tensor, border: int = 3) -> torch.Tensor:
     """PIUnet's registered Laplace loss ``s + |y - mu - b| exp(-s)``; ``log_scale (B,1,H,W)``."""
-    s = _as_bhw(log_scale, "log_scale")[:, None]
+    s = as_bhw(log_scale, "log_scale")[:, None]
     return _registered(sr, hr, hr_mask, border, lambda r, crop, b: s[crop] + r.abs() * torch.exp(-s[crop]))
 
 
@@ -143,8 +142,8 @@ def registered_l1_uncertainty_released(sr: torch.Tensor, log_scale: torch.Tensor
     """PIUnet's released uncertainty loss: the brightness bias ``b`` of each offset (in [0,1] units)
     is also added to the log-scale, in the authors' standardised units: ``s' = s + b*65535/2353.0723``,
     loss ``s' + |y - mu - b| exp(-s')``."""
-    s = _as_bhw(log_scale, "log_scale")[:, None]
-    k = 65535.0 / RAW_STD
+    s = as_bhw(log_scale, "log_scale")[:, None]
+    k = FULL_SCALE / RAW_STD
 
     def per_pixel(r, crop, b):
         s_b = s[crop] + b * k
@@ -177,7 +176,7 @@ LOSSES: dict[str, LossSpec] = {
     "cpsnr_original": LossSpec(lambda out, hr, m: qanet_released_loss(_sr(out), hr, m)),
     "l1_reg": LossSpec(lambda out, hr, m: registered_l1(_sr(out), hr, m)),
     # PIUnet's first epoch as its authors compute it: the registered L1 in their standardised units
-    "l1_reg_std": LossSpec(lambda out, hr, m: registered_l1(_sr(out), hr, m) * (65535.0 / RAW_STD)),
+    "l1_reg_std": LossSpec(lambda out, hr, m: registered_l1(_sr(out), hr, m) * (FULL_SCALE / RAW_STD)),
     "l1u_reg": LossSpec(lambda out, hr, m: registered_l1_uncertainty(_sr(out), _log_scale(out), hr, m),
                         uses_uncertainty=True),
     "l1u_reg_original": LossSpec(

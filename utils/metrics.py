@@ -22,7 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RegisteredStats", "registered_stats", "cpsnr", "cssim", "kelvin_score", "has_clear", "shifted_windows"]
+__all__ = ["RegisteredStats", "registered_stats", "cpsnr", "cssim", "kelvin_score", "has_clear", "shifted_windows",
+           "as_bhw", "check_metric_inputs"]
 
 
 class RegisteredStats(NamedTuple):
@@ -37,7 +38,8 @@ class RegisteredStats(NamedTuple):
     cmse: torch.Tensor
 
 
-def _as_bhw(x: torch.Tensor, name: str) -> torch.Tensor:
+def as_bhw(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` as ``(B,H,W)``, from ``(B,1,H,W)`` or ``(B,H,W)``; a ValueError naming ``name`` otherwise."""
     if x.dim() == 4:
         if x.shape[1] != 1:
             raise ValueError(f"{name}: expected (B,1,H,W) or (B,H,W), got {tuple(x.shape)}")
@@ -47,8 +49,10 @@ def _as_bhw(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def _check_inputs(sr, hr, hr_mask, border):
-    sr, hr, hr_mask = _as_bhw(sr, "sr"), _as_bhw(hr, "hr"), _as_bhw(hr_mask, "hr_mask")
+def check_metric_inputs(sr, hr, hr_mask, border):
+    """``(sr, hr, hr_mask)`` as ``(B,H,W)`` after checking they share a shape that ``border`` leaves
+    something of; a ValueError saying what is wrong otherwise."""
+    sr, hr, hr_mask = as_bhw(sr, "sr"), as_bhw(hr, "hr"), as_bhw(hr_mask, "hr_mask")
     if not (sr.shape == hr.shape == hr_mask.shape):
         raise ValueError(f"sr, hr and hr_mask must share a shape, got {tuple(sr.shape)}, "
                          f"{tuple(hr.shape)}, {tuple(hr_mask.shape)}")
@@ -107,7 +111,7 @@ def registered_stats(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor,
         :class:`RegisteredStats` of float64 ``(B, 2*border+1, 2*border+1)`` tensors; differentiable
         with respect to ``sr`` (and ``hr``).
     """
-    sr, hr, hr_mask = _check_inputs(sr, hr, hr_mask, border)
+    sr, hr, hr_mask = check_metric_inputs(sr, hr, hr_mask, border)
     B, H, W = sr.shape
     s = 2 * border + 1
     h, w = H - 2 * border, W - 2 * border
@@ -154,7 +158,7 @@ def has_clear(hr_mask: torch.Tensor, border: int = 3) -> torch.Tensor:
 
     A scene without one has no defined cPSNR; evaluation reports and skips it.
     """
-    m = _as_bhw(hr_mask, "hr_mask").to(torch.float64)
+    m = as_bhw(hr_mask, "hr_mask").to(torch.float64)
     H, W = m.shape[-2:]
     return _window_sums(m, H - 2 * border, W - 2 * border).flatten(1).amax(1) > 0
 
@@ -184,7 +188,7 @@ def shifted_windows(x: torch.Tensor, border: int = 3) -> torch.Tensor:
     ``out[:, u*S + v] == x[:, u:u+H-2b, v:v+W-2b]``. Used where a loss or metric is not a sum of
     products (L1, SSIM) and must see the pixels of every offset.
     """
-    x = _as_bhw(x, "x")
+    x = as_bhw(x, "x")
     H, W = x.shape[-2:]
     s = 2 * border + 1
     v = x.unfold(1, H - 2 * border, 1).unfold(2, W - 2 * border, 1)  # (B, S, S, h, w)
@@ -231,7 +235,7 @@ def cssim(sr: torch.Tensor, hr: torch.Tensor, hr_mask: torch.Tensor, border: int
         ``(B,)`` in the dtype of ``sr``; NaN where the status map has no clear pixel.
     """
     stats = registered_stats(sr, hr, hr_mask, border)
-    sr, hr, hr_mask = _check_inputs(sr, hr, hr_mask, border)
+    sr, hr, hr_mask = check_metric_inputs(sr, hr, hr_mask, border)
     H, W = sr.shape[-2:]
     s2 = (2 * border + 1) ** 2
     dt = torch.float64 if sr.dtype == torch.float64 else torch.float32

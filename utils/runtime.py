@@ -132,7 +132,7 @@ def cuda_graphed(module: torch.nn.Module, sample_args: tuple, amp: str) -> torch
     ``forward`` is replaced; the network's own stays usable for evaluation. One difference from eager
     autograd: parameters that no output's loss reaches (PIUnet's uncertainty head under an L1 loss)
     get zero gradients rather than none, and gradients are handed back in static buffers that the next
-    replay overwrites: :class:`utils.trainer.Trainer` restores ``None`` for the first and copies the
+    replay overwrites: :class:`engine.trainer.Trainer` restores ``None`` for the first and copies the
     second before accumulating micro-batches."""
     # the capture's warm-up passes run in training mode: keep the BatchNorm statistics as they were
     buffers = {k: v.detach().clone() for k, v in module.state_dict().items()}

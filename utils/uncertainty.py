@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .metrics import _as_bhw, has_clear, registered_stats
+from .metrics import as_bhw, has_clear, registered_stats
 
 __all__ = ["SceneErrors", "scene_errors", "spearman", "UncertaintyReport", "format_table",
            "reliability_plot", "reliability_image"]
@@ -56,8 +56,8 @@ def scene_errors(sr: torch.Tensor, log_scale: torch.Tensor, hr: torch.Tensor, hr
         kept HR window, at the matching pixel of the SR crop), or None for a scene the metric skips
         (no clear pixel in any window, :func:`utils.metrics.has_clear`).
     """
-    sr3, s3 = _as_bhw(sr, "sr").detach(), _as_bhw(log_scale, "log_scale").detach()
-    hr3, m3 = _as_bhw(hr, "hr"), _as_bhw(hr_mask, "hr_mask")
+    sr3, s3 = as_bhw(sr, "sr").detach(), as_bhw(log_scale, "log_scale").detach()
+    hr3, m3 = as_bhw(hr, "hr"), as_bhw(hr_mask, "hr_mask")
     if s3.shape != sr3.shape:
         raise ValueError(f"log_scale {tuple(log_scale.shape)} does not match sr {tuple(sr.shape)}")
     stats = registered_stats(sr3, hr3, m3, border)

@@ -10,9 +10,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from models import spec_of
-
-from .metrics import cpsnr, cssim, has_clear, kelvin_score
-from .runtime import autocast
+from utils.metrics import cpsnr, cssim, has_clear, kelvin_score
+from utils.runtime import autocast
 
 __all__ = ["super_resolve", "iterate", "evaluate", "summarize", "make_panel", "to_uint16"]
 

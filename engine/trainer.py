@@ -1,13 +1,13 @@
 """One training run: the network and its optimiser state, one optimisation step, one epoch, and
 validation. ``train.py`` drives a :class:`Trainer` epoch by epoch, with a
-:class:`utils.keeper.CheckpointKeeper` that writes the checkpoints and says when to stop::
+:class:`engine.keeper.CheckpointKeeper` that writes the checkpoints and says when to stop::
 
     trainer = Trainer(cfg, dist, device, ckpt)                 # build, restore, wrap
     keeper = CheckpointKeeper(run, cfg.max_steps, cfg.max_minutes)
     while trainer.progress.epoch < cfg.epochs and not keeper.should_stop(trainer.progress.step):
         if not trainer.train_epoch(train_ds, writer, keeper):  # steps, logging; False: stopped midway
             break
-        summary, chooser = trainer.validate(val_ds, norm, writer, select_ds)  # every val_every epochs
+        summary, chooser = trainer.validate(val_ds, norm, writer, holdout_ds)  # every val_every epochs
         keeper.consider(chooser, trainer)                      # best.pt
         keeper.save_last(trainer)                              # last.pt
 
@@ -34,13 +34,9 @@ from config import Config, ConfigError
 from data import ProbaVDataset
 from data.sampler import StepBatchSampler
 from models import build_model, esa_baseline, model_kwargs, name_of, request_channels_last, spec_of
-
-from .checkpoint import model_from_checkpoint, unwrap
-from .evaluate import evaluate, make_panel, summarize
-from .files import atomic_path
-from .keeper import CheckpointKeeper, criterion
-from .losses import LOSSES, compute_loss
-from .runtime import (
+from utils.files import atomic_path
+from utils.losses import LOSSES, compute_loss
+from utils.runtime import (
     Dist,
     autocast,
     cuda_graphed,
@@ -51,7 +47,11 @@ from .runtime import (
     rng_state,
     set_rng_state,
 )
-from .uncertainty import UncertaintyReport, reliability_image
+from utils.uncertainty import UncertaintyReport, reliability_image
+
+from .checkpoint import model_from_checkpoint, unwrap
+from .evaluate import evaluate, make_panel, summarize
+from .keeper import CheckpointKeeper, rank_value
 
 __all__ = ["Trainer", "Progress", "SRModule", "TrainingDiverged", "build_network", "wrap", "validate", "describe",
            "val_indices", "parameter_groups", "make_scheduler"]
@@ -79,7 +79,7 @@ class Progress:
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps
     step_in_epoch: int = 0  # steps done in the current epoch (non-zero only when stopped mid-epoch)
-    best: float = math.inf  # best validation criterion so far (lower is better, see criterion)
+    best: float = math.inf  # best rank_value of a validation so far (lower is better)
 
 
 def build_network(cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
@@ -198,7 +198,7 @@ class Trainer:
             print(f"resuming {self.run} at epoch {self.progress.epoch}, step {self.progress.step}")
 
     def checkpoint(self) -> dict:
-        """The arguments of :func:`utils.checkpoint.save_checkpoint`: everything :meth:`restore` reads."""
+        """The arguments of :func:`engine.checkpoint.save_checkpoint`: everything :meth:`restore` reads."""
         p = self.progress
         extra = {} if self.ema is None else {"raw_model": self.net.state_dict(),
                                               "ema_updates": int(self.ema.n_averaged)}
@@ -348,21 +348,21 @@ class Trainer:
     # --- validation ---------------------------------------------------------------------------------
 
     def validate(self, val_ds: ProbaVDataset, norm: dict, writer=None,
-                 select_ds: ProbaVDataset | None = None) -> tuple[dict, dict]:
+                 holdout_ds: ProbaVDataset | None = None) -> tuple[dict, dict]:
         """Score the validation scenes, and the selection scenes when given, with the weights that
         are kept (:meth:`eval_net`). Returns ``(validation summary, summary of the scenes that choose
-        best.pt)`` (the same summary when there is no selection split; see
-        :func:`utils.evaluate.summarize`). Changes nothing but the logs."""
+        best.pt)`` (the same summary when there is no holdout split; see
+        :func:`engine.evaluate.summarize`). Changes nothing but the logs."""
         args = (self.cfg, self.dist, self.device, norm, self.progress.epoch, writer, self.run)
         summary = validate(self.eval_net(), val_ds, *args)
-        chooser = summary if select_ds is None else validate(self.eval_net(), select_ds, *args, tag="select")
+        chooser = summary if holdout_ds is None else validate(self.eval_net(), holdout_ds, *args, tag="holdout")
         return summary, chooser
 
     def schedule_on(self, chooser: dict) -> None:
         """Tell a plateau scheduler (``lr_unit=plateau``) the score of a scheduled validation (see
-        :func:`utils.keeper.criterion`; the scenes that choose best.pt); other schedulers ignore it."""
+        :func:`engine.keeper.rank_value`; the scenes that choose best.pt); other schedulers ignore it."""
         if self.cfg.lr_unit == "plateau":
-            self.scheduler.step(criterion(chooser))
+            self.scheduler.step(rank_value(chooser))
 
 
 def val_indices(ds: ProbaVDataset, limit: int) -> list[int]:

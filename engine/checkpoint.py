@@ -5,7 +5,7 @@ A checkpoint is a dict::
     {"format": 2, "model_name": a key of models.MODELS, "model_kwargs": {...}, "model": state_dict,
      "optimizer": ..., "scheduler": ..., "scaler": ..., "epoch": completed epochs,
      "step": optimizer steps, "step_in_epoch": steps done in the current epoch,
-     "best_score": the best criterion so far (utils.keeper.criterion, lower is better) or None,
+     "best_score": the best rank_value so far (engine.keeper.rank_value, lower is better) or None,
      "config": the resolved Config as a dict, "rng": RNG states}
 
 It is written atomically, holds only tensors and plain Python values (lists, dicts, strings,
@@ -33,8 +33,7 @@ import torch.nn as nn
 
 from config import CommandLine, Config, ConfigError
 from models import MODELS, TRAINABLE, build_model, check_frames, model_kwargs, name_of, released_state, spec_of
-
-from .runtime import atomic_torch_save, resolve_device
+from utils.runtime import atomic_torch_save, resolve_device
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "load_for_eval",
            "unwrap"]

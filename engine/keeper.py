@@ -6,7 +6,7 @@
 - ``checkpoints/last.pt``: everything ``--resume`` needs, written after every epoch and when
   training stops early (:meth:`CheckpointKeeper.save_last`);
 - ``checkpoints/best.pt``: written when the score of the scenes that choose beats the best so far
-  (:meth:`CheckpointKeeper.consider`, by :func:`criterion`);
+  (:meth:`CheckpointKeeper.consider`, by :func:`rank_value`);
 - stopping: ``max_steps`` optimizer steps, ``max_minutes`` of wall clock, or Ctrl-C
   (:meth:`CheckpointKeeper.catch_interrupt`). Every process must stop at the same step, so the
   local conditions are summed over processes in the training step (:meth:`local_flags`,
@@ -31,13 +31,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from utils.files import WriteError
+
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .files import WriteError
 
-__all__ = ["CheckpointKeeper", "criterion"]
+__all__ = ["CheckpointKeeper", "rank_value"]
 
 
-def criterion(summary: dict, metric: str = "score") -> float:
+def rank_value(summary: dict, metric: str = "score") -> float:
     """Lower is better: the Kelvin score (``metric="score"``; minus the cPSNR where norm.csv lacks the
     scenes), or minus the mean cPSNR (``metric="cpsnr"``), over all the bands of ``summary``."""
     s = summary["all"]
@@ -60,7 +61,7 @@ class CheckpointKeeper:
         max_steps: stop after this many optimizer steps (0: no limit).
         max_minutes: stop after this many minutes of training, counted from construction (0: none).
         main: whether this process writes (rank 0).
-        metric: what ``best.pt`` is chosen on (:func:`criterion`).
+        metric: what ``best.pt`` is chosen on (:func:`rank_value`).
     """
 
     def __init__(self, run: Path, max_steps: int = 0, max_minutes: float = 0.0, main: bool = True,
@@ -113,7 +114,7 @@ class CheckpointKeeper:
     # --- checkpoints ------------------------------------------------------------------------------
 
     def save_last(self, trainer) -> None:
-        """Write ``last.pt``: the trainer's full state (:meth:`utils.trainer.Trainer.checkpoint`)."""
+        """Write ``last.pt``: the trainer's full state (:meth:`engine.trainer.Trainer.checkpoint`)."""
         if self.main:
             self._save(self.last, trainer)
             self.saved = (trainer.progress.epoch, trainer.progress.step)
@@ -121,7 +122,7 @@ class CheckpointKeeper:
     def consider(self, summary: dict, trainer) -> bool:
         """Keep ``best.pt`` when ``summary`` (of the scenes that choose) beats ``trainer.progress.best``;
         returns whether it did. The new best is recorded in the progress, which ``last.pt`` stores."""
-        score = criterion(summary, self.metric)
+        score = rank_value(summary, self.metric)
         if not score < trainer.progress.best:
             return False
         trainer.progress.best = score

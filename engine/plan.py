@@ -41,22 +41,22 @@ def make_plan(cfg, world: int | None = None) -> dict:
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     train = build_dataset(cfg, "train", training=True, progress=False, cache_write=False)
     val = build_dataset(cfg, cfg.split, progress=False, cache_write=False)
-    select = build_dataset(cfg, "select", progress=False, cache_write=False) if cfg.select_fraction > 0 else None
+    holdout = build_dataset(cfg, "holdout", progress=False, cache_write=False) if cfg.holdout_fraction > 0 else None
     per_step = cfg.batch_size * world * cfg.accum_steps
     steps = len(train) // per_step
     why = f"no frame clearer than min_frame_clearance={cfg.min_frame_clearance}"
-    chooser = select if select is not None else val
-    metric = "Kelvin score (mean of norm.csv / cPSNR)" if cfg.select_metric == "score" else "mean cPSNR"
+    chooser = holdout if holdout is not None else val
+    metric = "Kelvin score (mean of norm.csv / cPSNR)" if cfg.best_metric == "score" else "mean cPSNR"
     return {
         "preset": cfg.preset, "model": cfg.model, "band": cfg.band,
         "scenes": {"train": _per_band(train), cfg.split: _per_band(val),
-                   **({"select": _per_band(select)} if select is not None else {})},
+                   **({"holdout": _per_band(holdout)} if holdout is not None else {})},
         "dropped": {name: {"scenes": ds.dropped, "why": why} for name, ds in
-                    (("train", train), (cfg.split, val), ("select", select)) if ds is not None and ds.dropped},
+                    (("train", train), (cfg.split, val), ("holdout", holdout)) if ds is not None and ds.dropped},
         "patches": cfg.patches, "samples_per_epoch": len(train), "batch_per_step": per_step,
         "steps_per_epoch": steps, "epochs": cfg.epochs, **_schedule(cfg, steps),
         "val_every_epochs": cfg.val_every, "val_split": cfg.split,
-        "best_pt_chosen_on": f"{metric} of the {'select' if select is not None else cfg.split} split "
+        "best_pt_chosen_on": f"{metric} of the {'holdout' if holdout is not None else cfg.split} split "
                              f"({len(chooser.keys)} scenes, bands {'+'.join(chooser.bands)})",
     }
 
