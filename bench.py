@@ -276,7 +276,7 @@ def bench_loader(args) -> None:
 
     from torch.utils.data import DataLoader
 
-    from data import ProbaVDataset
+    from data import DatasetOptions, ProbaVDataset
     from data.synthetic import generate
     root = Path(args.data_dir)
     if not root.exists():
@@ -284,12 +284,13 @@ def bench_loader(args) -> None:
         generate(root)
     cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     try:
-        kw = dict(bands="all", n_frames=9, selection="weighted", patch_size=32, min_clear=0.25, progress=False)
+        opts = DatasetOptions(bands="all", n_frames=9, selection="weighted", patch_size=32, min_clear=0.25,
+                              progress=False, cache_dir=cache)
         t = time.perf_counter()
-        ds = ProbaVDataset(root, "train", cache_dir=cache, **kw)
+        ds = ProbaVDataset(root, "train", opts)
         cold = time.perf_counter() - t
         t = time.perf_counter()
-        ds = ProbaVDataset(root, "train", cache_dir=cache, **kw)
+        ds = ProbaVDataset(root, "train", opts)
         warm = time.perf_counter() - t
         n = len(ds.scenes)
         print(f"{root}: {n} train scenes; decode PNGs + write cache {n / cold:7.1f} scenes/s, "

@@ -18,9 +18,10 @@ import typing
 from dataclasses import dataclass, field
 
 from models import MODELS, model_kwargs
-from utils.losses import LOSSES as _LOSSES
+from utils.losses import LOSSES
+from utils.runtime import AMP_DTYPES
 
-__all__ = ["Config", "PRESETS", "CommandLine", "parse_command", "parse_args", "ConfigError", "CHOICES", "LOSSES"]
+__all__ = ["Config", "PRESETS", "CommandLine", "parse_command", "parse_args", "ConfigError", "CHOICES"]
 
 
 # fields renamed since earlier versions (old name -> new), read from older checkpoints' configs
@@ -65,13 +66,13 @@ class Config:
     beta: float = opt(50.0, "temperature of the clearance-weighted sampling")
     patch_size: int = opt(32, "LR training patch side (HR patches are 3x)")
     min_clear: float = opt(0.25, "a training patch with a smaller HR clear fraction is redrawn (grid: left out)")
-    patches: str = opt("random", "random crops | grid: the non-overlapping patches (PIUnet) | windows: a random crop "
+    patches: str = opt("windows", "random crops | grid: the non-overlapping patches (PIUnet) | windows: a random crop "
                                  "in each kept sub-scene window (QA-Net)")
     window: int = opt(64, "patches=windows: LR window side (TR-MISR's sub-scenes)")
     window_stride: int = opt(32, "patches=windows: stride between windows")
     window_min_clear: float = opt(0.85, "patches=windows: a window is kept when the mean of all its quality maps "
                                         "is at least this")
-    frame_order: str = opt("selection", "order of the selected frames, one rule for training and evaluation: as "
+    frame_order: str = opt("shuffled", "order of the selected frames, one rule for training and evaluation: as "
                                         "selected | shuffled (seeded per scene at evaluation) | clearest_first")
     register: bool = opt(False, "align frames and masks to the clearest frame once per scene (data.register_frames)")
     min_frame_clearance: float = opt(0.0, "select only frames clearer than this (PIUnet: 0.85); train scenes "
@@ -144,12 +145,11 @@ class Config:
         return dataclasses.replace(self, **kw)
 
 
-LOSSES = _LOSSES  # utils.losses: the one table of losses
 CHOICES = {
     "model": tuple(MODELS),
     "band": ("NIR", "RED", "all"),
     "split": ("train", "holdout", "val", "test"),
-    "amp": ("off", "bf16", "fp16"),
+    "amp": tuple(AMP_DTYPES),
     "train_selection": ("clearest", "weighted", "coverage", "all"),
     "val_selection": ("clearest", "weighted", "coverage", "all"),
     "lr_unit": ("epoch", "step", "plateau"),
@@ -160,18 +160,16 @@ CHOICES = {
     "best_metric": ("score", "cpsnr"),
 }
 
-# Presets: the authors' published recipes, and a demo that runs in minutes on a laptop CPU.
+# Presets: the authors' published recipes, a demo that runs in minutes on a laptop CPU, and small
+# models for real scenes on a CPU. Each states only what differs from Config's defaults, which are
+# the qanet recipe.
 PRESETS: dict[str, dict] = {
     # QA-Net (Kim et al.) as its authors train it: TR-MISR's sub-scenes (the 64x64 LR windows at
     # stride 32 whose mean quality is at least 0.85), one random 32x32 crop per kept window per epoch,
     # 9 frames drawn with clearance weights (beta 50) and fed in a random order (at evaluation the
     # coverage pick in a seeded random order), Adam 1e-4, wd 1e-5, batch 10, cPSNR loss, MultiStepLR
     # x0.8 at epochs 120-480, clipping 15, 520 epochs.
-    "qanet": dict(model="qanet", model_args={}, epochs=520, batch_size=10, lr=1e-4, weight_decay=1e-5,
-                  patch_size=32, n_frames=9, train_selection="weighted", val_selection="coverage", beta=50.0,
-                  patches="windows", window=64, window_stride=32, window_min_clear=0.85, frame_order="shuffled",
-                  lr_milestones=(120, 220, 300, 360, 400, 440, 480), lr_gamma=0.8, lr_unit="epoch",
-                  grad_clip=15.0, loss="cpsnr", warmup_loss="", warmup_epochs=0),
+    "qanet": {},  # Config's defaults are this recipe
     # PIUnet (Valsesia & Magli), one model per band (--band=NIR or --band=RED): frames and masks
     # registered to the clearest frame, the 9 clearest of the frames more than 85% clear (training
     # scenes without one dropped), the fixed grid of non-overlapping 32x32 patches more than 10%
@@ -179,69 +177,63 @@ PRESETS: dict[str, dict] = {
     # registered L1 in standardised units for the first epoch, then registered L1-uncertainty, 750
     # epochs, validated every epoch on the val scenes that have a frame more than 85% clear, best.pt
     # on the band's cPSNR.
-    "piunet": dict(model="piunet", model_args={}, band="NIR", epochs=750, batch_size=24, lr=1e-4, weight_decay=0.0,
-                   patch_size=32, n_frames=9, train_selection="clearest", val_selection="clearest",
-                   register=True, min_frame_clearance=0.85, patches="grid", min_clear=0.1,
-                   lr_milestones=(150_000,), lr_gamma=0.2, lr_unit="step", grad_clip=15.0,
+    "piunet": dict(model="piunet", band="NIR", epochs=750, batch_size=24, weight_decay=0.0,
+                   train_selection="clearest", val_selection="clearest", register=True, min_frame_clearance=0.85,
+                   patches="grid", min_clear=0.1, lr_milestones=(150_000,), lr_gamma=0.2, lr_unit="step",
                    loss="l1u_reg", warmup_loss="l1_reg_std", warmup_epochs=1, val_every=1, best_metric="cpsnr",
-                   drop_unclear_eval=True),
+                   drop_unclear_eval=True, frame_order="selection"),
     # Synthetic scenes (generated on first use), a small PIUnet that starts from the ESA baseline and
     # learns a residual on it, fed cloud-filled frames, flips/rotations, a moving average of the
     # weights; CPU, under 5 minutes on 2 cores, about 0.9 dB above the ESA baseline. One validation,
     # at the end: best.pt is the last weights, chosen on nothing.
     "demo": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4, skip="baseline"),
-                 data_dir="datasets/synthetic", synthetic=True, band="all", device="cpu", epochs=22, batch_size=8,
-                 repeats=4, patch_size=32, n_frames=9, train_selection="clearest", val_selection="clearest",
-                 fill_clouds=True, augment=True, ema=0.99, lr=1e-3, weight_decay=0.0, lr_milestones=(17,),
-                 lr_gamma=0.2, lr_unit="epoch", grad_clip=15.0, loss="l1_reg", warmup_loss="", warmup_epochs=0,
-                 val_every=22, num_workers=0, min_clear=0.25),
+                 data_dir="datasets/synthetic", synthetic=True, device="cpu", epochs=22, batch_size=8, repeats=4,
+                 train_selection="clearest", val_selection="clearest", fill_clouds=True, augment=True, ema=0.99,
+                 lr=1e-3, weight_decay=0.0, lr_milestones=(17,), lr_gamma=0.2, loss="l1_reg", val_every=22,
+                 num_workers=0, patches="random", frame_order="selection"),
     # Real scenes (../shared/probav or any small root) on a CPU in under 30 minutes: a small PIUnet
     # that starts from the ESA baseline and learns a residual on it, flips/rotations, a moving
     # average of the weights, best.pt chosen on 10% of the train scenes held out; about 17 minutes
     # of training on 2 cores, stopped at 26 minutes on a slower machine.
-    "cpu_real": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4, skip="baseline"),
-                     augment=True, ema=0.995, holdout_fraction=0.1, band="all", device="cpu", max_minutes=26.0,
-                     epochs=45, batch_size=8, repeats=4, patch_size=32, n_frames=9, train_selection="clearest",
-                     val_selection="clearest", fill_clouds=True, lr=1e-3, weight_decay=0.0, lr_milestones=(34,),
-                     lr_gamma=0.2, lr_unit="epoch", grad_clip=15.0, loss="l1_reg", warmup_loss="", warmup_epochs=0,
-                     val_every=10, num_workers=0),
+    "cpu_real": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4, skip="baseline"), augment=True,
+                     ema=0.995, holdout_fraction=0.1, device="cpu", max_minutes=26.0, epochs=45, batch_size=8,
+                     repeats=4, train_selection="clearest", val_selection="clearest", fill_clouds=True, lr=1e-3,
+                     weight_decay=0.0, lr_milestones=(34,), lr_gamma=0.2, loss="l1_reg", val_every=10, num_workers=0,
+                     patches="random", frame_order="selection"),
     # Real scenes on a CPU in under 30 minutes, QA-Net: a reduced QA-Net (2 LEM/QEM pairs of two RCABs,
     # 24 features) that starts from the ESA baseline of its frames and learns a residual on it in
     # standardised units (frames in and residual out in units of the dataset's standard deviation),
     # flips/rotations (frames and quality maps alike; frames clearest first, at training as at
     # evaluation), a moving average of the weights, best.pt chosen on 10% of the train scenes held out.
-    "cpu_real_qanet": dict(model="qanet", model_args=dict(n_modules=2, n_resblocks=2, n_feats=24, reduction=4,
-                                                          skip="baseline", standardize=True),
-                           augment=True, ema=0.995, holdout_fraction=0.1, band="all", device="cpu", max_minutes=28.0,
-                           epochs=30, batch_size=8, repeats=4, patch_size=32, patches="random", n_frames=9,
-                           train_selection="clearest", val_selection="clearest", frame_order="clearest_first",
-                           fill_clouds=True, lr=1e-3, weight_decay=0.0, lr_milestones=(23,), lr_gamma=0.2,
-                           lr_unit="epoch", grad_clip=15.0, loss="l1_reg", warmup_loss="", warmup_epochs=0,
-                           val_every=10, num_workers=0),
+    "cpu_real_qanet": dict(model_args=dict(n_modules=2, n_resblocks=2, n_feats=24, reduction=4, skip="baseline",
+                                          standardize=True),
+                           augment=True, ema=0.995, holdout_fraction=0.1, device="cpu", max_minutes=28.0, epochs=30,
+                           batch_size=8, repeats=4, patches="random", train_selection="clearest",
+                           val_selection="clearest", frame_order="clearest_first", fill_clouds=True, lr=1e-3,
+                           weight_decay=0.0, lr_milestones=(23,), lr_gamma=0.2, loss="l1_reg", val_every=10,
+                           num_workers=0),
     # HighRes-net (Deudon et al.), its config.json "training": 64x64 LR patches at random (no clearance
     # test), 32 views drawn with clearance weights (beta 50) in draw order, zero views (alpha 0) up to 32,
     # Adam 7e-4, ReduceLROnPlateau x0.97 after 2 validations without a better score, validated every
     # epoch, 400 epochs, batch 32. Their loss is -cPSNR after ShiftNet's learned sub-pixel shift of the
     # SR; ours is the cPSNR searched over the metric's 49 integer shifts (cpsnr_shift), no ShiftNet.
-    "highresnet": dict(model="highresnet", model_args={}, epochs=400, batch_size=32, lr=7e-4, weight_decay=0.0,
-                       patch_size=64, patches="random", min_clear=0.0, n_frames=32, train_selection="weighted",
-                       val_selection="clearest", beta=50.0, lr_unit="plateau", lr_gamma=0.97, lr_patience=2,
-                       lr_milestones=(), grad_clip=0.0, loss="cpsnr_shift", warmup_loss="", warmup_epochs=0,
-                       val_every=1),
+    "highresnet": dict(model="highresnet", epochs=400, batch_size=32, lr=7e-4, weight_decay=0.0, patch_size=64,
+                       patches="random", min_clear=0.0, n_frames=32, val_selection="clearest", lr_unit="plateau",
+                       lr_gamma=0.97, lr_milestones=(), grad_clip=0.0, loss="cpsnr_shift", val_every=1,
+                       frame_order="selection"),
     # MISR-GRU (Rifat Arefin et al.): HighRes-net's recipe with 24 views and batch 16 (their config.json).
-    "misrgru": dict(model="misrgru", model_args={}, epochs=400, batch_size=16, lr=7e-4, weight_decay=0.0,
-                    patch_size=64, patches="random", min_clear=0.0, n_frames=24, train_selection="weighted",
-                    val_selection="clearest", beta=50.0, lr_unit="plateau", lr_gamma=0.97, lr_patience=2,
-                    lr_milestones=(), grad_clip=0.0, loss="cpsnr_shift", warmup_loss="", warmup_epochs=0,
-                    val_every=1),
+    "misrgru": dict(model="misrgru", epochs=400, batch_size=16, lr=7e-4, weight_decay=0.0, patch_size=64,
+                    patches="random", min_clear=0.0, n_frames=24, val_selection="clearest", lr_unit="plateau",
+                    lr_gamma=0.97, lr_milestones=(), grad_clip=0.0, loss="cpsnr_shift", val_every=1,
+                    frame_order="selection"),
     # TR-MISR (An et al.), its config.json "training": the 24 clearest views registered to the first, zero
     # views up to 24 (the model's recipe, for training too), 64x64 LR patches mostly clear (85%), Adam 1e-3
     # for the encoder and decoder and 5e-4 for the transformer (ModelSpec.lr_scale), x0.95 on plateaus of
     # the validation score, validated every epoch, 400 epochs, batch 4, loss -cPSNR over the 49 shifts.
-    "trmisr": dict(model="trmisr", model_args={}, epochs=400, batch_size=4, lr=1e-3, weight_decay=0.0,
-                   patch_size=64, patches="grid", min_clear=0.85, n_frames=24, train_selection="clearest",
-                   val_selection="clearest", lr_unit="plateau", lr_gamma=0.95, lr_patience=2, lr_milestones=(),
-                   grad_clip=0.0, loss="cpsnr_shift", warmup_loss="", warmup_epochs=0, val_every=1),
+    "trmisr": dict(model="trmisr", epochs=400, batch_size=4, lr=1e-3, weight_decay=0.0, patch_size=64,
+                   patches="grid", min_clear=0.85, n_frames=24, train_selection="clearest", val_selection="clearest",
+                   lr_unit="plateau", lr_gamma=0.95, lr_milestones=(), grad_clip=0.0, loss="cpsnr_shift",
+                   val_every=1, frame_order="selection"),
 }
 
 
@@ -297,10 +289,7 @@ def _check(cfg: Config) -> Config:
         raise ConfigError(f"window={cfg.window} must be at least patch_size={cfg.patch_size} (patches=windows)")
     if cfg.cuda_graphs and cfg.compile:
         raise ConfigError("cuda_graphs=true and compile=true: choose one (compile has its own graph mode)")
-    if cfg.amp == "fp16" and cfg.device == "cpu":
-        raise ConfigError("amp=fp16 needs a CUDA device; use --amp=bf16 or --amp=off on a CPU")
-    if cfg.cuda_graphs and cfg.device == "cpu":
-        raise ConfigError("cuda_graphs=true needs a CUDA device; use --device=cuda or --cuda_graphs=false")
+    # graphs and fp16 on the device the run lands on: engine.trainer.check_placement, once it is open
     try:  # one source of truth for the frame count, checked before any data loads
         model_kwargs(cfg.model, cfg.model_args, cfg.n_frames)
     except ValueError as e:

@@ -25,8 +25,9 @@ from config import CommandLine, Config, ConfigError, parse_command
 from data import DataError, ProbaVDataset, build_dataset, read_norm
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.keeper import CheckpointKeeper
+from engine.layout import RunFolder
 from engine.plan import format_plan, make_plan
-from engine.trainer import Trainer, TrainingDiverged, describe
+from engine.trainer import Trainer, TrainingDiverged, check_placement, describe
 from models import spec_of
 from utils.files import EventWriter, FolderInUse, WriteError, atomic_write_text, folder_lock, sweep_temporaries
 from utils.runtime import Dist, init_distributed, seed_everything
@@ -65,7 +66,7 @@ def run_folder(cfg: Config) -> Path:
 def resolve_config(command: CommandLine, run: Path) -> tuple[Config, dict | None]:
     """The run's config and, with ``--resume``, the checkpoint to continue from."""
     cfg = command.config if command.config.out_dir else command.config.replace(out_dir=str(run))
-    last = run / "checkpoints" / "last.pt"
+    last = RunFolder(run).last
     if not cfg.resume:
         if last.exists():
             raise ConfigError(f"{last} exists: continue that run with --resume, or choose another --out_dir")
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> Path:
     with folder_lock(run) if Dist.from_env().main else nullcontext():
         cfg, ckpt = resolve_config(command, run)
         dist, device = init_distributed(cfg.device)
+        check_placement(cfg, dist, device)
         try:
             run, keeper = _train(cfg, ckpt, dist, device)
         finally:
@@ -158,9 +160,10 @@ def open_run(trainer: Trainer, train_ds: ProbaVDataset, val_ds: ProbaVDataset):
     cfg, run = trainer.cfg, trainer.run
     if not trainer.dist.main:
         return nullcontext()
-    for folder in (run, run / "checkpoints", run / "images"):
+    folders = RunFolder(run)
+    for folder in (run, folders.checkpoints, folders.images):
         sweep_temporaries(folder)
-    atomic_write_text(run / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    atomic_write_text(folders.config, json.dumps(cfg.to_dict(), indent=2) + "\n")
     print(f"run folder: {run}\n{len(train_ds)} training samples ({len(train_ds.scenes)} scenes), "
           f"{len(val_ds.scenes)} {cfg.split} scenes, {sum(p.numel() for p in trainer.net.parameters()):,} "
           f"parameters, device {trainer.device}, {trainer.dist.world} process(es)")
@@ -172,7 +175,8 @@ def open_run(trainer: Trainer, train_ds: ProbaVDataset, val_ds: ProbaVDataset):
 
 
 def report(run: Path, summary: dict) -> None:
-    best_file = run / "checkpoints" / ("best.pt" if (run / "checkpoints" / "best.pt").exists() else "last.pt")
+    folders = RunFolder(run)
+    best_file = folders.best if folders.best.exists() else folders.last
     print(f"\nfinished: {describe(summary)}\ncheckpoint: {best_file}\nnext:\n"
           f"  python valid.py --checkpoint={best_file}\n"
           f"  python predict.py --checkpoint={best_file}")

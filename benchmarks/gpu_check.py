@@ -244,12 +244,19 @@ def run(argv: list[str], timeout: float) -> tuple[int | None, str, str]:
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out, err
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc.pid)
         out, err = proc.communicate()
         return None, out, err
     finally:
-        if proc.poll() is None:  # Ctrl-C in this process: the group was in its own session
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # Ctrl-C here: the child's group is in its own session, so never got it
+            _kill_group(proc.pid)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group ended on its own meanwhile
+        pass
 
 
 def last_error(*texts: str) -> str:

@@ -1,7 +1,7 @@
-"""From a config to a dataset: the one place that maps config fields to :class:`ProbaVDataset`.
+"""From a config to a dataset: the one place that maps config fields to :class:`DatasetOptions`.
 
-A new data option is a :class:`config.Config` field, a :class:`ProbaVDataset` argument, and one line
-here; train.py, validation, valid.py and predict.py all build their scenes through this function.
+A new data option is a :class:`config.Config` field, a :class:`DatasetOptions` field, and one line
+here; train.py, validation, valid.py and predict.py all build their scenes through this module.
 What the model itself needs of its data (its padding, its frame order, its authors' view recipe)
 comes from its registry entry (:class:`models.ModelSpec`), not from the config.
 """
@@ -9,9 +9,40 @@ from __future__ import annotations
 
 from models import spec_of
 
-from .dataset import ProbaVDataset
+from .dataset import DatasetOptions, ProbaVDataset
 
-__all__ = ["build_dataset"]
+__all__ = ["build_dataset", "dataset_options"]
+
+
+def _keeps_order(spec) -> bool:
+    """Whether augmentation must leave the frames in the order ``frame_order`` gives, for ``spec``
+    (a :class:`models.ModelSpec`): every model whose output can depend on that order."""
+    contract = getattr(spec, "frame_order_contract", None)
+    if contract is None:  # TODO remove fallback: a ModelSpec from before frame_order_contract
+        return spec.ordered or not spec.order_invariant
+    return contract != "set"
+
+
+def dataset_options(cfg, band: str | None = None, training: bool = False, progress: bool = True,
+                    cache_write: bool = True) -> DatasetOptions:
+    """The :class:`DatasetOptions` ``cfg`` (a :class:`config.Config`) asks for; arguments as
+    :func:`build_dataset`'s."""
+    spec = spec_of(cfg.model)
+    common = dict(bands=band or cfg.band, n_frames=cfg.n_frames, seed=cfg.seed, cache_dir=cfg.cache_dir or None,
+                  val_fraction=cfg.val_fraction, holdout_fraction=cfg.holdout_fraction, progress=progress,
+                  fill_clouds=cfg.fill_clouds, register=cfg.register, min_frame_clearance=cfg.min_frame_clearance,
+                  frame_order=cfg.frame_order, cache_write=cache_write, padding=spec.padding,
+                  # augmentation reorders frames only where the output cannot depend on it: a model that
+                  # is not order-invariant sees them in the one order frame_order gives, trained as scored
+                  keep_order=_keeps_order(spec))
+    if not training:
+        if spec.views:  # scored and submitted as its authors feed it
+            common.update(views=spec.views, n_frames=spec.n_views)
+        return DatasetOptions(selection=cfg.val_selection, drop_unclear=cfg.drop_unclear_eval, **common)
+    return DatasetOptions(selection=cfg.train_selection, patch_size=cfg.patch_size, min_clear=cfg.min_clear,
+                          beta=cfg.beta, repeats=cfg.repeats, patches=cfg.patches, augment=cfg.augment,
+                          window=cfg.window, window_stride=cfg.window_stride, window_min_clear=cfg.window_min_clear,
+                          views=spec.views if spec.train_views else "", **common)
 
 
 def build_dataset(cfg, split: str, band: str | None = None, training: bool = False,
@@ -28,21 +59,4 @@ def build_dataset(cfg, split: str, band: str | None = None, training: bool = Fal
         progress: show a progress bar while scenes load.
         cache_write: write decoded scenes to ``cfg.cache_dir`` (False: read it only).
     """
-    spec = spec_of(cfg.model)
-    common = dict(bands=band or cfg.band, n_frames=cfg.n_frames, seed=cfg.seed, cache_dir=cfg.cache_dir or None,
-                  val_fraction=cfg.val_fraction, holdout_fraction=cfg.holdout_fraction, progress=progress,
-                  fill_clouds=cfg.fill_clouds, register=cfg.register, min_frame_clearance=cfg.min_frame_clearance,
-                  frame_order=cfg.frame_order, cache_write=cache_write, padding=spec.padding,
-                  # augmentation reorders frames only where the output cannot depend on it: a model that
-                  # is not order-invariant sees them in the one order frame_order gives, trained as scored
-                  keep_order=spec.ordered or not spec.order_invariant)
-    if not training:
-        if spec.views:  # scored and submitted as its authors feed it
-            common.update(views=spec.views, n_frames=spec.n_views)
-        return ProbaVDataset(cfg.data_dir, split, selection=cfg.val_selection, drop_unclear=cfg.drop_unclear_eval,
-                             **common)
-    return ProbaVDataset(cfg.data_dir, split, selection=cfg.train_selection, patch_size=cfg.patch_size,
-                         min_clear=cfg.min_clear, beta=cfg.beta, repeats=cfg.repeats, patches=cfg.patches,
-                         augment=cfg.augment, window=cfg.window, window_stride=cfg.window_stride,
-                         window_min_clear=cfg.window_min_clear, views=spec.views if spec.train_views else "",
-                         **common)
+    return ProbaVDataset(cfg.data_dir, split, dataset_options(cfg, band, training, progress, cache_write))

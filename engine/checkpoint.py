@@ -33,7 +33,9 @@ import torch.nn as nn
 
 from config import CommandLine, Config, ConfigError
 from models import MODELS, TRAINABLE, build_model, check_frames, model_kwargs, name_of, released_state, spec_of
-from utils.runtime import atomic_torch_save, resolve_device
+from utils.runtime import atomic_torch_save, check_amp, resolve_device
+
+from .layout import RunFolder
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "load_for_eval",
            "unwrap"]
@@ -137,7 +139,7 @@ def _misfit(path, name: str, model: nn.Module, state: dict) -> CheckpointError:
 
 
 def model_from_checkpoint(path: str | os.PathLike, model_name: str | None = None,
-                          model_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
+                          model_kwargs: dict | None = None, expect: str | None = None) -> tuple[nn.Module, dict]:
     """``(model in eval mode, checkpoint dict)`` from one of our checkpoints or an authors' file.
 
     Our checkpoints carry the model name and arguments. For a bare state dict (the authors'
@@ -147,7 +149,8 @@ def model_from_checkpoint(path: str | os.PathLike, model_name: str | None = None
 
     Raises:
         CheckpointError: naming ``path``: not a checkpoint, a bare state dict without ``model_name``,
-            or weights that do not fit (the first missing/unexpected keys, and the model they fit).
+            or weights that do not fit (the first missing/unexpected keys, and the model they fit), or
+            a model other than ``expect`` (when given).
     """
     ckpt = load_checkpoint(path)
     if "model_name" in ckpt and "model" in ckpt:
@@ -162,6 +165,9 @@ def model_from_checkpoint(path: str | os.PathLike, model_name: str | None = None
         state = released_state(model_name, ckpt)
         model = build_model(model_name, **(model_kwargs or {}))
         ckpt = {"model_name": model_name, "model_kwargs": dict(model.kwargs), "model": state, "config": None}
+    if expect is not None and ckpt["model_name"] != expect:  # the data would be prepared for the wrong model
+        raise CheckpointError(f"{path}: holds a {ckpt['model_name']}, not a {expect}; drop --model (the "
+                              f"checkpoint names its model) or use --model={ckpt['model_name']}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:
@@ -197,10 +203,8 @@ def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") 
         raise ConfigError(f"say what to run: --checkpoint=PATH (a training checkpoint or the authors' weights with "
                           f"--model={'|'.join(TRAINABLE)}) or {' or '.join('--model=' + n for n in untrained)}")
     model, ckpt = model_from_checkpoint(cfg.checkpoint, cfg.model if explicit_model else None,
-                                        model_kwargs(cfg.model, cfg.model_args, cfg.n_frames))
-    if explicit_model and name_of(model) != cfg.model:  # the data would be prepared for the wrong model
-        raise CheckpointError(f"{cfg.checkpoint}: holds a {name_of(model)}, not a {cfg.model}; "
-                              f"drop --model (the checkpoint names its model) or use --model={name_of(model)}")
+                                        model_kwargs(cfg.model, cfg.model_args, cfg.n_frames),
+                                        expect=cfg.model if explicit_model else None)
     if ckpt.get("config"):
         # the training run's settings, less what only trained it (graphs, compile) or only fits its machine
         base = Config.from_dict(ckpt["config"]).replace(split="val", out_dir="", resume=False, device="auto",
@@ -208,9 +212,10 @@ def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") 
         if base.amp == "fp16" and not _on_cuda(dict(command.overrides).get("device", "auto")):
             base = base.replace(amp="off")  # trained with fp16 on a GPU: evaluated in float32 here
         cfg = command.onto(base, checkpoint=cfg.checkpoint)
-    if cfg.amp == "fp16" and not _on_cuda(cfg.device):
-        raise ConfigError(f"--amp=fp16 needs a CUDA device, and device={cfg.device!r} is not one here; "
-                          f"use --amp=bf16 or --amp=off")
+    try:
+        check_amp(cfg.amp, torch.device("cuda" if _on_cuda(cfg.device) else "cpu"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         check_frames(model, cfg.n_frames)
     except ValueError as e:
@@ -219,6 +224,5 @@ def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") 
     if not ckpt.get("config"):  # released weights: never write beside them (often a shared, read-only folder)
         out = Path("results") / f"{cfg.model}-{default_out}-{ckpt_path.stem}"
     else:
-        run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-        out = run / f"{default_out}-{ckpt_path.stem}"
+        out = RunFolder.of_checkpoint(ckpt_path).output(default_out, ckpt_path)
     return cfg, model, Path(cfg.out_dir) if cfg.out_dir else out

@@ -38,7 +38,7 @@ def super_resolve(model: nn.Module, lr: torch.Tensor, lr_mask: torch.Tensor, amp
     ``roll_frames`` (a model trained on shuffled frames: ``frame_order="shuffled"``) a model that
     depends on the frame order (QA-Net) also sees the frames in another cyclic order per
     transform; one trained on a fixed order keeps it, as does a model whose order is part of its
-    input (``spec.ordered``: clearest first, padding last). A x3 upscaling commutes exactly with
+    input (``spec.frame_order_contract`` "sequence": clearest first, padding last). A x3 upscaling commutes exactly with
     these transforms of the pixel grid.
     """
     device = lr.device
@@ -48,7 +48,7 @@ def super_resolve(model: nn.Module, lr: torch.Tensor, lr_mask: torch.Tensor, amp
     acc: dict[str, torch.Tensor] = {}
     for i, (k, f) in enumerate(transforms):
         x, m, a = _dihedral(lr, k, f), _dihedral(lr_mask, k, f), alphas
-        if ensemble and roll_frames and not (spec.order_invariant or spec.ordered):
+        if ensemble and roll_frames and spec.frame_order_contract == "positional":
             shift = i % lr.shape[1]
             x, m, a = x.roll(shift, 1), m.roll(shift, 1), a.roll(shift, 1)
         with autocast(device, amp):

@@ -34,6 +34,7 @@ from pathlib import Path
 from utils.files import WriteError
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .layout import RunFolder
 
 __all__ = ["CheckpointKeeper", "rank_value"]
 
@@ -66,7 +67,7 @@ class CheckpointKeeper:
 
     def __init__(self, run: Path, max_steps: int = 0, max_minutes: float = 0.0, main: bool = True,
                  metric: str = "score"):
-        self.dir, self.metric = Path(run) / "checkpoints", metric
+        self.folder, self.metric = RunFolder(Path(run)), metric
         self.max_steps, self.max_minutes, self.main = max_steps, max_minutes, main
         self.started = time.monotonic()  # a resumed run gets a new time budget
         self.stop_requested = False  # Ctrl-C on this process
@@ -76,11 +77,11 @@ class CheckpointKeeper:
 
     @property
     def last(self) -> Path:
-        return self.dir / "last.pt"
+        return self.folder.last
 
     @property
     def best(self) -> Path:
-        return self.dir / "best.pt"
+        return self.folder.best
 
     # --- stopping ---------------------------------------------------------------------------------
 
@@ -148,7 +149,7 @@ class CheckpointKeeper:
     def intact(self, code: int | None = errno.ENOSPC) -> str:
         """What a run stopped by a failed write (of errno ``code``) still has, and how to continue it."""
         fix = "free space and" if code in (errno.ENOSPC, errno.EDQUOT) else "once the folder can be written,"
-        resume = f"python train.py --out_dir={self.dir.parent} --resume"
+        resume = f"python train.py --out_dir={self.folder.path} --resume"
         saved = self.saved
         if saved is None and self.last.is_file():
             try:  # a resumed run that has not saved yet: the checkpoint it started from

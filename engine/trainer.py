@@ -33,12 +33,13 @@ from tqdm import tqdm
 from config import Config, ConfigError
 from data import ProbaVDataset
 from data.sampler import StepBatchSampler
-from models import build_model, esa_baseline, model_kwargs, name_of, request_channels_last, spec_of
+from models import build_model, esa_baseline, model_kwargs, request_channels_last, spec_of
 from utils.files import atomic_path
 from utils.losses import LOSSES, compute_loss
 from utils.runtime import (
     Dist,
     autocast,
+    check_amp,
     cuda_graphed,
     load_scaler_state,
     make_optimizer,
@@ -52,16 +53,17 @@ from utils.uncertainty import UncertaintyReport, reliability_image
 from .checkpoint import model_from_checkpoint, unwrap
 from .evaluate import evaluate, make_panel, summarize
 from .keeper import CheckpointKeeper, rank_value
+from .layout import RunFolder
 
-__all__ = ["Trainer", "Progress", "SRModule", "TrainingDiverged", "build_network", "wrap", "validate", "describe",
-           "val_indices", "parameter_groups", "make_scheduler"]
+__all__ = ["Trainer", "Progress", "SuperResolveForward", "TrainingDiverged", "build_network", "check_placement",
+           "wrap", "validate", "describe", "val_indices", "parameter_groups", "make_scheduler"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-class SRModule(nn.Module):
+class SuperResolveForward(nn.Module):
     """``forward(lr, lr_mask, alphas=None) -> dict``: the common interface as a forward, for DDP and compile."""
 
     def __init__(self, module: nn.Module):
@@ -88,9 +90,7 @@ def build_network(cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
     kwargs = model_kwargs(cfg.model, cfg.model_args, cfg.n_frames)
     net = build_model(cfg.model, **kwargs)
     if cfg.checkpoint:
-        init, _ = model_from_checkpoint(cfg.checkpoint, cfg.model, kwargs)
-        if name_of(init) != cfg.model:
-            raise ConfigError(f"--checkpoint={cfg.checkpoint} holds a {name_of(init)}, not a {cfg.model}")
+        init, _ = model_from_checkpoint(cfg.checkpoint, cfg.model, kwargs, expect=cfg.model)
         net.load_state_dict(init.state_dict())
     if dist.enabled and device.type == "cuda":
         # BatchNorm statistics over the global batch; gloo (CPU) has no SyncBatchNorm, where each
@@ -102,15 +102,26 @@ def build_network(cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
     return net
 
 
-def wrap(net: nn.Module, cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
-    """``net`` behind the common ``forward(lr, lr_mask, alphas)``, in DDP across processes and compiled
-    when ``cfg.compile``. CUDA graphs are captured later, at the first batch (:meth:`Trainer.train_step`)."""
+def check_placement(cfg: Config, dist: Dist, device: torch.device) -> None:
+    """The rules of the config that depend on where the run lands (the device ``auto`` resolved to,
+    torchrun's processes), checked once when the device is open, before any data loads.
+
+    Raises:
+        ConfigError: CUDA graphs outside one CUDA process, fp16 without CUDA.
+    """
     if cfg.cuda_graphs and (device.type != "cuda" or dist.enabled):
         raise ConfigError("cuda_graphs=true needs a single CUDA process (not CPU, not torchrun); "
                           "drop --cuda_graphs or use --amp/--compile instead")
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f"amp=fp16 needs a CUDA device, and this run is on {device}; use --amp=bf16 or --amp=off")
-    model: nn.Module = SRModule(net)
+    try:
+        check_amp(cfg.amp, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def wrap(net: nn.Module, cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
+    """``net`` behind the common ``forward(lr, lr_mask, alphas)``, in DDP across processes and compiled
+    when ``cfg.compile``. CUDA graphs are captured later, at the first batch (:meth:`Trainer.train_step`)."""
+    model: nn.Module = SuperResolveForward(net)
     if dist.enabled:
         # an uncertainty head gets no gradient from the losses that ignore it (registered L1)
         losses = {cfg.loss} | ({cfg.warmup_loss} if cfg.warmup_loss and cfg.warmup_epochs > 0 else set())
@@ -217,7 +228,7 @@ class Trainer:
     def _forward(self, mb: dict) -> dict:
         inputs = (mb["lr"], mb["lr_mask"], mb["alphas"])
         if self.capture is not None and self.graphed is None:
-            self.graphed = self.capture(SRModule(self.net), inputs, self.cfg.amp)
+            self.graphed = self.capture(SuperResolveForward(self.net), inputs, self.cfg.amp)
         with autocast(self.device, self.cfg.amp):
             return (self.model if self.graphed is None else self.graphed)(*inputs)
 
@@ -228,7 +239,7 @@ class Trainer:
         Adam then skips them; a replayed CUDA graph gives them zeros, which Adam would count as
         steps (moving them by weight decay and running their step count on with empty moments)."""
         if loss_name not in self._unreached:
-            core = SRModule(self.net)
+            core = SuperResolveForward(self.net)
             params = dict(core.named_parameters())
             buffers = {k: v.clone() for k, v in core.named_buffers()}
             with autocast(self.device, self.cfg.amp):
@@ -433,7 +444,7 @@ def _log_validation(summary: dict, panels: list[tuple[str, np.ndarray]], epoch: 
             if not math.isnan(s[key]):
                 writer.add_scalar(f"{tag}/{key}{suffix}", s[key], epoch)
     for name, panel in panels:
-        with atomic_path(run / "images" / f"epoch{epoch:04d}_{name}.png") as tmp:  # WriteError on a full disk
+        with atomic_path(RunFolder(run).images / f"epoch{epoch:04d}_{name}.png") as tmp:  # WriteError on a full disk
             Image.fromarray(panel).save(tmp, format="PNG")
         writer.add_image(f"val/{name}", panel, epoch, dataformats="HW")
 

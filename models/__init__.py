@@ -9,12 +9,13 @@ Every model has ``super_resolve(lr (B,T,h,w) in [0,1], lr_mask (B,T,h,w) in {0,1
 None) -> dict`` with ``"sr"`` ``(B,1,3h,3w)`` in [0,1] units and, where ``spec.uncertainty``,
 ``"log_scale"`` (the Laplace log-scale of the uncertainty, in [0,1] units). ``alphas`` says which
 frames are real (1) and which are padding (0, zero frames); every sample carries them, and only the
-models whose spec pads with zeros read them. Each model stores its constructor arguments in
-``.kwargs`` so a checkpoint can rebuild it (:func:`build_model`).
+models whose spec pads with zeros read them. :func:`build_model` records every constructor
+argument of the model it builds in ``model.kwargs`` (defaults included), so a checkpoint can
+rebuild it.
 
-Adding a model: write ``models/<name>.py`` (the class, with ``kwargs``, ``has_uncertainty`` and
-``super_resolve``) and add its :class:`ModelSpec` to :data:`MODELS` below; config choices, training,
-evaluation and checkpoints follow from the spec.
+Adding a model: write ``models/<name>.py`` (the class, with explicit keyword arguments,
+``has_uncertainty`` and ``super_resolve``) and add its :class:`ModelSpec` to :data:`MODELS` below;
+config choices, training, evaluation and checkpoints follow from the spec.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from .piunet import PIUnet
 from .qanet import QANet
 from .trmisr import TRMISR
 
+FRAME_ORDER_CONTRACTS = ("set", "positional", "sequence")  # see ModelSpec.frame_order_contract
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -44,11 +47,16 @@ class ModelSpec:
         trainable: has weights to train (the ESA baseline has none: it is scored, never trained).
         frames_arg: the constructor argument that fixes the number of frames (QA-Net's BatchNorms
             keep one statistic per frame position), or None when any number works.
-        order_invariant: the output does not depend on the order of the frames.
+        frame_order_contract: what the order of the frames means to the model, one of
+            :data:`FRAME_ORDER_CONTRACTS`: ``"set"``, the output does not depend on it (augmentation
+            may shuffle the frames); ``"positional"``, it does, and the model is trained and scored on
+            the one order ``frame_order`` gives (QA-Net's per-position BatchNorms); ``"sequence"``, the
+            frames must stay in the order the data gives them (clearest first, padding last: a median
+            anchor of the first 9, recurrent fusion). Augmentation and the self-ensemble keep the
+            order of all but ``"set"`` models.
         uses_masks: reads the quality maps (``lr_mask``) as an input.
         all_frames: scored on every frame of a scene, one scene at a time (the baseline averages the
             clearest of *all* frames).
-        input_scaling: how the frames in [0,1] are scaled before the network (documentation).
         reference_names: the authors' hyper-parameter names -> ours (for :func:`from_reference`), for
             authors whose configuration is one flat table.
         reference_kwargs: ``f(authors' nested config) -> our keyword arguments``, for authors whose
@@ -61,9 +69,6 @@ class ModelSpec:
         padding: how a sample with fewer frames than the model takes is filled: ``"repeat"`` (the
             clearest frame again) or ``"zeros"`` (zero frames with alpha 0, which the model masks:
             its authors' collate function).
-        ordered: the frames must stay in the order the data gives them (clearest first, padding last:
-            a median anchor of the first 9, recurrent fusion); augmentation and the self-ensemble
-            keep it.
         views: the authors' evaluation input for full scenes, a recipe of ``data.views.RECIPES``
             (which frames in which order, registered or not, padded how), or "" to use the config's
             ``val_selection``.
@@ -80,17 +85,15 @@ class ModelSpec:
     title: str
     trainable: bool = True
     frames_arg: str | None = None
-    order_invariant: bool = False
+    frame_order_contract: str = "positional"
     uses_masks: bool = True
     all_frames: bool = False
-    input_scaling: str = "[0,1] (raw uint16 / 65535)"
     reference_names: dict = field(default_factory=dict)
     reference_kwargs: Callable[[dict], dict] | None = None
     convert_state: Callable[[dict], dict] | None = None
     preset: str = ""
     authors_network: Callable[[str], nn.Module] | None = None
     padding: str = "repeat"
-    ordered: bool = False
     views: str = ""
     n_views: int = 0
     train_views: bool = False
@@ -102,33 +105,37 @@ class ModelSpec:
         """``super_resolve`` also returns ``"log_scale"`` (the class says so: ``has_uncertainty``)."""
         return bool(self.cls.has_uncertainty)
 
+    def __post_init__(self):
+        if self.frame_order_contract not in FRAME_ORDER_CONTRACTS:
+            raise ValueError(f"{self.title}: frame_order_contract={self.frame_order_contract!r}; choose from "
+                             f"{', '.join(FRAME_ORDER_CONTRACTS)}")
+
 
 MODELS: dict[str, ModelSpec] = {
-    "qanet": ModelSpec(QANet, "QA-Net", frames_arg="n_frames", order_invariant=False, uses_masks=True,
+    "qanet": ModelSpec(QANet, "QA-Net", frames_arg="n_frames", frame_order_contract="positional", uses_masks=True,
                        reference_names={"N_modules": "n_modules", "N_resblocks": "n_resblocks", "N_feats": "n_feats",
                                         "reduction": "reduction", "N_heads": "n_heads", "scale": "scale",
                                         "N_lrs": "n_frames", "rcab_bn": "rcab_bn"},
                        preset="qanet", authors_network=qanet.authors_network),
     # the masks enter only through skip="baseline" (the ESA baseline of the input frames)
-    "piunet": ModelSpec(PIUnet, "PIUnet", order_invariant=True, uses_masks=False,
-                        input_scaling="standardised inside super_resolve: (raw - 7433.6436) / 2353.0723",
+    "piunet": ModelSpec(PIUnet, "PIUnet", frame_order_contract="set", uses_masks=False,
                         reference_names={"N_feat": "n_feats", "R_bneck": "r_bneck", "N_tefa": "n_tefa",
                                          "N_heads": "n_heads"},
                         preset="piunet", authors_network=piunet.authors_network),
-    "baseline": ModelSpec(ESABaseline, "ESA baseline", trainable=False, order_invariant=True, all_frames=True),
+    "baseline": ModelSpec(ESABaseline, "ESA baseline", trainable=False, frame_order_contract="set", all_frames=True),
     # HighRes-net and MISR-GRU: views sorted by clearance, zero views (alpha 0) up to 16 for scoring
     # (get_sr_and_score's min_L), the raw output clipped to [0,1]; no quality maps enter the networks
     "highresnet": ModelSpec(HighResNet, "HighRes-net", uses_masks=False,
                             reference_kwargs=highresnet.kwargs_from_reference, preset="highresnet", padding="zeros",
-                            ordered=True, views="sorted_padded", n_views=16),
+                            frame_order_contract="sequence", views="sorted_padded", n_views=16),
     "misrgru": ModelSpec(MISRGRU, "MISR-GRU", uses_masks=False, reference_kwargs=misrgru.kwargs_from_reference,
                          convert_state=misrgru.convert_released_state, preset="misrgru", padding="zeros",
-                         ordered=True, views="sorted_padded", n_views=16),
+                         frame_order_contract="sequence", views="sorted_padded", n_views=16),
     # TR-MISR: the 24 clearest views registered to the first, for scoring and (as patches) for training;
     # its output minus its minimum, clipped to 14 bits; the transformer trains at half the learning rate
-    "trmisr": ModelSpec(TRMISR, "TR-MISR", uses_masks=False, order_invariant=False,
+    "trmisr": ModelSpec(TRMISR, "TR-MISR", uses_masks=False,
                         reference_kwargs=trmisr.kwargs_from_reference, preset="trmisr", padding="zeros",
-                        ordered=True, views="registered_padded", n_views=24, train_views=True,
+                        frame_order_contract="sequence", views="registered_padded", n_views=24, train_views=True,
                         postprocess=trmisr.postprocess, lr_scale={"superres": 0.5}),
 }
 
@@ -189,11 +196,18 @@ def build_model(name: str, **kwargs) -> nn.Module:
     Unknown names and unknown keyword arguments are errors that list the valid choices.
     """
     cls = spec_of(name).cls
-    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    signature = inspect.signature(cls.__init__)
+    params = [p for p in signature.parameters if p != "self"]
     bad = sorted(set(kwargs) - set(params))
     if bad:
         raise TypeError(f"{name}: unknown argument(s) {', '.join(bad)}; valid: {', '.join(params)}")
-    return cls(**kwargs)
+    model = cls(**kwargs)
+    bound = signature.bind_partial(**kwargs)
+    bound.apply_defaults()
+    # every constructor argument, defaults included: what a checkpoint stores to rebuild the model
+    # (tuples as lists, as they come back from JSON)
+    model.kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}
+    return model
 
 
 def reference_kwargs(name: str, config: dict | None) -> dict:

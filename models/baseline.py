@@ -103,7 +103,6 @@ class ESABaseline(torch.nn.Module):
     def __init__(self, scale: int = 3):
         super().__init__()
         self.scale = scale
-        self.kwargs = dict(scale=scale)
 
     def forward(self, lr: torch.Tensor, lr_mask: torch.Tensor) -> torch.Tensor:
         clear = lr_mask.flatten(2).sum(-1)  # (B,T)

@@ -163,9 +163,6 @@ class HighResNet(ViewsModel):
     def __init__(self, n_feats: int = 64, n_resblocks: int = 2, kernel_size: int = 3, fuse_kernel_size: int = 3,
                  alpha_residual: bool = True, deconv_channels: int = 64, scale: int = 3, final_kernel_size: int = 1):
         super().__init__()
-        self.kwargs = dict(n_feats=n_feats, n_resblocks=n_resblocks, kernel_size=kernel_size,
-                           fuse_kernel_size=fuse_kernel_size, alpha_residual=alpha_residual,
-                           deconv_channels=deconv_channels, scale=scale, final_kernel_size=final_kernel_size)
         self.encode = Encoder(2, n_feats, n_resblocks, kernel_size)  # input: frame and anchor
         self.fuse = RecursiveFusion(n_feats, fuse_kernel_size, alpha_residual)
         self.decode = Decoder(n_feats, deconv_channels, scale, final_kernel_size)

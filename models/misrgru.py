@@ -101,9 +101,6 @@ class MISRGRU(ViewsModel):
         if not gru_channels or len(gru_channels) != len(gru_kernel_sizes):
             raise ValueError(f"misrgru: gru_channels {gru_channels} and gru_kernel_sizes {gru_kernel_sizes} "
                              "must be non-empty and of one length")
-        self.kwargs = dict(n_feats=n_feats, n_resblocks=n_resblocks, kernel_size=kernel_size,
-                           gru_channels=gru_channels, gru_kernel_sizes=gru_kernel_sizes,
-                           deconv_channels=deconv_channels, scale=scale, final_kernel_size=final_kernel_size)
         # registered in the authors' order, so that state_dict() lists the keys as theirs does
         self.unit1 = Encoder(1, n_feats, n_resblocks, kernel_size)
         self.fuse = GRUFusion(n_feats, gru_channels, gru_kernel_sizes)

@@ -104,9 +104,6 @@ class PIUnet(nn.Module):
         super().__init__()
         if skip not in ("bilinear", "baseline"):
             raise ValueError(f"piunet: skip must be 'bilinear' or 'baseline', got {skip!r}")
-        self.kwargs = dict(n_feats=n_feats, r_bneck=r_bneck, n_tefa=n_tefa, n_heads=n_heads, scale=scale)
-        if skip != "bilinear":  # the authors' configurations keep exactly their keyword arguments
-            self.kwargs["skip"] = skip
         c, self.scale, self.skip = n_feats, scale, skip
         self.conv_in = FrameConv(1, c)
         self.tran_in = FrameAttention(c, n_heads)

@@ -136,12 +136,6 @@ class QANet(nn.Module):
         super().__init__()
         if skip not in ("none", "baseline"):
             raise ValueError(f"qanet: skip must be 'none' or 'baseline', got {skip!r}")
-        self.kwargs = dict(n_modules=n_modules, n_resblocks=n_resblocks, n_feats=n_feats, reduction=reduction,
-                           n_heads=n_heads, scale=scale, n_frames=n_frames, rcab_bn=rcab_bn)
-        if skip != "none":  # the authors' configurations keep exactly their keyword arguments
-            self.kwargs["skip"] = skip
-        if standardize:
-            self.kwargs["standardize"] = True
         self.frames, self.scale, self.skip, self.standardize = n_frames, scale, skip, standardize
         self.init = FrameConv(1, n_feats)
         self.lems = nn.Sequential(*[LEM(n_feats, reduction, n_resblocks, n_heads, n_frames, rcab_bn)

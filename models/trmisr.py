@@ -198,9 +198,6 @@ class TRMISR(ViewsModel):
                  depth: int = 6, n_heads: int = 8, mlp_dim: int = 128, dropout: float = 0.1,
                  final_kernel_size: int = 1, scale: int = 3):
         super().__init__()
-        self.kwargs = dict(median_reference=median_reference, n_feats=n_feats, n_resblocks=n_resblocks,
-                           kernel_size=kernel_size, depth=depth, n_heads=n_heads, mlp_dim=mlp_dim, dropout=dropout,
-                           final_kernel_size=final_kernel_size, scale=scale)
         self.median_reference = median_reference
         self.encode = Encoder(2 if median_reference else 1, n_feats, n_resblocks, kernel_size)
         self.superres = ClassTokenFusion(n_feats, depth, n_heads, mlp_dim, dropout)

@@ -70,6 +70,16 @@ def test_gpu_check_lists_a_path_per_preset_and_precision(capsys):
     assert {listed[n] for n in ("last-gpu", "torchrun-qanet", "torchrun-piunet")} == {"cuda2"}
 
 
+def test_gpu_check_trains_every_preset_on_a_small_network():
+    """A preset of the authors' full-size network (model_args {}) needs an entry in gpu_check.TINY: a
+    full-size network would take the check past its minutes (and a CPU run past its hour)."""
+    from benchmarks import gpu_check
+    from config import PRESETS
+    full_size = [p for p, recipe in PRESETS.items()
+                 if not recipe.get("model_args") and recipe.get("model", "qanet") not in gpu_check.TINY]
+    assert not full_size, f"add the model of preset(s) {full_size} to benchmarks/gpu_check.py TINY"
+
+
 def test_gpu_check_on_cpu_trains_then_validates_with_the_ensemble(synthetic_root, tmp_path, capsys):
     """valid-ensemble reads qanet-bf16's checkpoint: --only runs that first. Two processes, ~30 s."""
     bench.main(["gpu-check", "--device=cpu", "--only=valid-ensemble", f"--data_dir={synthetic_root}",

@@ -1,6 +1,7 @@
 """The scene reader, the dataset, frame selection and the synthetic writer."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PIL import Image
 from data import (
     DataError,
     DatasetNotFoundError,
+    DatasetOptions,
     ProbaVDataset,
     list_scenes,
     load_scene_cached,
@@ -205,8 +207,8 @@ def test_frame_selection():
 
 
 def test_dataset_samples_and_patches(synthetic_root):
-    ds = ProbaVDataset(synthetic_root, "train", "all", n_frames=4, selection="weighted", patch_size=16,
-                       min_clear=0.5, progress=False)
+    ds = ProbaVDataset(synthetic_root, "train", DatasetOptions(bands="all", n_frames=4, selection="weighted",
+                                                                patch_size=16, min_clear=0.5, progress=False))
     assert len(ds) == 6
     s = ds[0]
     assert set(s) >= {"lr", "lr_mask", "hr", "hr_mask", "name", "band"}
@@ -219,10 +221,10 @@ def test_dataset_samples_and_patches(synthetic_root):
     ds.set_epoch(1)
     assert not (ds[0]["lr"] == s["lr"]).all()
     # the HR patch sits at x3 the LR patch position
-    full = ProbaVDataset(synthetic_root, "val", "NIR", n_frames=4, progress=False)
+    full = ProbaVDataset(synthetic_root, "val", DatasetOptions(bands="NIR", n_frames=4, progress=False))
     f = full[0]
     assert f["lr"].shape == (4, 128, 128) and f["hr"].shape == (1, 384, 384)
-    test = ProbaVDataset(synthetic_root, "test", "RED", n_frames=4, progress=False)
+    test = ProbaVDataset(synthetic_root, "test", DatasetOptions(bands="RED", n_frames=4, progress=False))
     assert "hr" not in test[0] and test[0]["band"] == "RED"
 
 
@@ -235,7 +237,7 @@ def test_patch_alignment(tmp_path):
     write_scene(tmp_path / "train" / "NIR" / "imgset0000", s)
     (tmp_path / "val" / "NIR").mkdir(parents=True)
     write_scene(tmp_path / "val" / "NIR" / "imgset0001", s)
-    ds = ProbaVDataset(tmp_path, "train", "NIR", n_frames=2, patch_size=10, progress=False)
+    ds = ProbaVDataset(tmp_path, "train", DatasetOptions(bands="NIR", n_frames=2, patch_size=10, progress=False))
     for e in range(5):
         ds.set_epoch(e)
         x = ds[0]
@@ -259,17 +261,17 @@ def test_decode_cache_is_invalidated_when_files_change(tmp_path):
 
 
 def test_repeats_draw_different_patches_and_fill_clouds(synthetic_root):
-    ds = ProbaVDataset(synthetic_root, "train", bands="NIR", n_frames=9, selection="weighted", patch_size=16,
-                       repeats=3, progress=False)
+    ds = ProbaVDataset(synthetic_root, "train", DatasetOptions(bands="NIR", n_frames=9, selection="weighted",
+                                                                patch_size=16, repeats=3, progress=False))
     n = len(ds.scenes)
     assert len(ds) == 3 * n
     a, b = ds[0], ds[n]
     assert a["name"] == b["name"] and not torch.equal(a["lr"], b["lr"])  # same scene, another patch
     with pytest.raises(IndexError):
         ds[3 * n]
-    filled = ProbaVDataset(synthetic_root, "train", bands="NIR", n_frames=9, selection="clearest",
-                           fill_clouds=True, progress=False)[0]
-    plain = ProbaVDataset(synthetic_root, "train", bands="NIR", n_frames=9, selection="clearest", progress=False)[0]
+    opts = DatasetOptions(bands="NIR", n_frames=9, selection="clearest", progress=False)
+    filled = ProbaVDataset(synthetic_root, "train", dataclasses.replace(opts, fill_clouds=True))[0]
+    plain = ProbaVDataset(synthetic_root, "train", opts)[0]
     clear = plain["lr_mask"] > 0
     assert torch.equal(filled["lr"][clear], plain["lr"][clear]) and torch.equal(filled["lr_mask"], plain["lr_mask"])
     assert (~clear).any()
@@ -306,7 +308,7 @@ def test_select_split_is_carved_from_train_and_disjoint(synthetic_root):
 
 
 def test_augmentation_keeps_lr_and_hr_aligned():
-    from data.dataset import augment_sample
+    from data.transforms import augment_sample
     rng = np.random.default_rng(0)
     lr = rng.integers(0, 1000, size=(3, 5, 4)).astype(np.uint16)
     qm = lr > 500
@@ -321,3 +323,20 @@ def test_augmentation_keeps_lr_and_hr_aligned():
         seen.add(a_hr.tobytes())
     assert len(seen) == 8  # every flip/rotation occurs
     assert augment_sample(np.random.default_rng(0), lr, qm, None, None)[2] is None
+
+
+def test_unknown_selection_names_the_table_and_options_are_frozen():
+    from data import SELECTIONS
+    qm = np.ones((3, 4, 4), bool)
+    keys = ", ".join(SELECTIONS)
+    with pytest.raises(ValueError, match=f"unknown frame selection 'best'; choose from {keys}$"):
+        select_frames(qm, 2, "best")
+    with pytest.raises(ValueError, match=f"unknown frame selection 'best'; choose from {keys}$"):
+        select_frames(qm, 2, "best", min_clearance=0.5)  # checked before the candidates are narrowed
+    with pytest.raises(ValueError, match=f"unknown frame selection 'best'; choose from {keys}$"):
+        DatasetOptions(selection="best")  # before any scene is read
+    opts = DatasetOptions(n_frames=4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.n_frames = 5
+    assert dataclasses.replace(opts, n_frames=5).n_frames == 5 and opts.n_frames == 4
+    assert {f.name for f in dataclasses.fields(DatasetOptions)} >= {"bands", "selection", "patches", "frame_order"}

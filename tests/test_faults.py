@@ -30,7 +30,7 @@ import predict
 import train
 import valid
 from conftest import ROOT
-from data import CacheWarning, ProbaVDataset, load_scene_cached, split_scenes
+from data import CacheWarning, DatasetOptions, ProbaVDataset, load_scene_cached, split_scenes
 from engine.checkpoint import load_checkpoint
 from test_scripts import TINY_QANET, _assert_same_state, _common
 from utils.files import FolderInUse, WriteError, folder_lock
@@ -139,13 +139,13 @@ def test_a_cache_that_cannot_be_written_warns_once_and_the_run_goes_on(synthetic
     cache = tmp_path / "cache"
     disk = FullDisk(monkeypatch, cache, free=0, code=code)
     with pytest.warns(CacheWarning) as caught:
-        ds = ProbaVDataset(synthetic_root, "val", cache_dir=cache, progress=False)
+        ds = ProbaVDataset(synthetic_root, "val", DatasetOptions(cache_dir=cache, progress=False))
     assert len(caught) == 1 and disk.opened == 1  # one warning, and no further attempt
     reason = os.strerror(code).lower()
     assert str(caught[0].message) == (f"cannot write the scene cache in {cache} ({reason}): going on without it "
                                       f"(scenes are decoded from their PNGs)")
     assert os.listdir(cache) == []  # no temporary file
-    plain = ProbaVDataset(synthetic_root, "val", cache_dir=None, progress=False)
+    plain = ProbaVDataset(synthetic_root, "val", DatasetOptions(cache_dir=None, progress=False))
     assert ds.keys == plain.keys
     for a, b in zip(ds.scenes, plain.scenes, strict=True):
         np.testing.assert_array_equal(a["lr"], b["lr"])
@@ -191,7 +191,7 @@ def test_valid_heals_a_cut_cache_and_a_killed_cache_write_and_scores_the_same(sy
     assert not left.exists() and sorted(cache.iterdir()) == entries
     with warnings.catch_warnings():
         warnings.simplefilter("error", CacheWarning)  # healed: read back without a word
-        ProbaVDataset(synthetic_root, "val", cache_dir=cache, progress=False)
+        ProbaVDataset(synthetic_root, "val", DatasetOptions(cache_dir=cache, progress=False))
 
 
 # --- checkpoints and the other writes of a training run ----------------------------------------------

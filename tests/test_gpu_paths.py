@@ -357,6 +357,9 @@ def test_scaler_state_restores_only_where_both_sides_use_it():
     assert not off.is_enabled()
 
 
-def test_fp16_on_a_cpu_is_refused_when_the_config_is_read():
-    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
-        parse_args(["--device=cpu", "--amp=fp16"])
+@pytest.mark.parametrize("flag", ["--amp=fp16", "--cuda_graphs=true"])
+def test_gpu_only_settings_are_refused_before_any_data_loads(flag, tmp_path):
+    """fp16 autocast and CUDA graphs on a CPU: one line saying what to use instead, once the device
+    is open (``--device=auto`` may land on either), before the data is read (it does not exist here)."""
+    with pytest.raises(ConfigError, match="needs a (single )?CUDA"):
+        train.main(["--device=cpu", flag, f"--data_dir={tmp_path / 'absent'}", f"--out_dir={tmp_path / 'r'}"])

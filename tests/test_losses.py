@@ -167,12 +167,6 @@ def test_l1u_reg_original_adds_the_bias_to_the_log_scale():
     assert intended.item() != pytest.approx(direct().item(), rel=1e-3)
 
 
-def test_config_and_losses_list_the_same_losses():
-    from config import LOSSES as config_losses
-    from utils.losses import LOSSES
-    assert config_losses == LOSSES
-
-
 def test_registered_l1_in_float32_agrees_with_float64_on_a_training_patch():
     # the offsets are compared and the chosen offset's bias is summed in the input's dtype: float32
     # training patches (8 x 96x96, realistic brightness) must give the float64 value and gradient

@@ -217,7 +217,7 @@ def test_piunet_baseline_skip_starts_at_the_esa_baseline():
     net = build_model("piunet", n_feats=8, n_tefa=1, r_bneck=4, skip="baseline")
     ref = build_model("piunet", n_feats=8, n_tefa=1, r_bneck=4)
     assert net.state_dict().keys() == ref.state_dict().keys()  # same weights layout as the authors'
-    assert "skip" not in ref.kwargs and net.kwargs["skip"] == "baseline"
+    assert ref.kwargs["skip"] == "bilinear" and net.kwargs["skip"] == "baseline"
     base = build_model("baseline").super_resolve(lr, mask)["sr"]
     out = net.train().super_resolve(lr, mask)
     torch.testing.assert_close(out["sr"], base, atol=1e-6, rtol=0)
@@ -234,7 +234,7 @@ def test_qanet_baseline_skip_starts_at_the_esa_baseline(reference):
     net = build_model("qanet", **TINY["qanet"], skip="baseline")
     ref = build_model("qanet", **TINY["qanet"])
     assert net.state_dict().keys() == ref.state_dict().keys()  # same weights layout as the authors'
-    assert "skip" not in ref.kwargs and net.kwargs["skip"] == "baseline"
+    assert ref.kwargs["skip"] == "none" and net.kwargs["skip"] == "baseline"
     base = build_model("baseline").super_resolve(lr, mask)["sr"]
     for mode in ("train", "eval"):
         out = getattr(net, mode)().super_resolve(lr, mask)["sr"]
@@ -247,7 +247,7 @@ def test_qanet_baseline_skip_starts_at_the_esa_baseline(reference):
     # the default keeps the authors' network: their checkpoint loads strictly, with their keys
     ref_ckpt = reference["qanet"]
     authors = from_reference("qanet", ref_ckpt["state_dict"], ref_ckpt["config"])
-    assert authors.skip == "none" and "skip" not in authors.kwargs
+    assert authors.skip == "none" and authors.kwargs["skip"] == "none"
     assert set(authors.state_dict()) == set(ref_ckpt["state_dict"])
     with pytest.raises(ValueError, match="skip"):
         build_model("qanet", skip="bilinear")
@@ -273,5 +273,5 @@ def test_qanet_standardize_is_the_same_network_in_standardised_units():
         torch.testing.assert_close(std(lr, mask), destandardize(inner))
         residual = std_res(lr, mask) - std_res.baseline(lr, mask)
         torch.testing.assert_close(residual, inner * (RAW_STD / 65535.0))
-    assert std_res.kwargs["standardize"] is True and "standardize" not in plain.kwargs
+    assert std_res.kwargs["standardize"] is True and plain.kwargs["standardize"] is False
     assert build_model("qanet", **std_res.kwargs).standardize  # a checkpoint's kwargs rebuild it

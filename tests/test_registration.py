@@ -9,9 +9,18 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import data.dataset
+import data.cache
 from conftest import shared_path
-from data import DataError, ProbaVDataset, load_scene_cached, read_scene, register_frames, select_frames, write_png
+from data import (
+    DataError,
+    DatasetOptions,
+    ProbaVDataset,
+    load_scene_cached,
+    read_scene,
+    register_frames,
+    select_frames,
+    write_png,
+)
 from data.registration import RegistrationWarning
 
 MOVES = [(2, -3), (-5, 1), (7, 7), (-1, 0), (0, 4), (-12, 9)]
@@ -97,8 +106,8 @@ def test_registration_is_cached_with_the_scene_and_invalidated(tmp_path, monkeyp
         os.symlink(src / f, scene / f) if f != "LR000.png" else (scene / f).write_bytes((src / f).read_bytes())
     cache = tmp_path / "cache"
     calls = []
-    real = data.dataset.register_frames
-    monkeypatch.setattr(data.dataset, "register_frames", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = data.cache.register_frames
+    monkeypatch.setattr(data.cache, "register_frames", lambda *a, **k: calls.append(1) or real(*a, **k))
     reg = load_scene_cached(scene, cache, register=True)
     plain = load_scene_cached(scene, cache, register=False)
     assert len(calls) == 1 and reg["shifts"].shape == (len(reg["lr"]), 2) and "shifts" not in plain
@@ -140,22 +149,23 @@ def test_dataset_drops_train_scenes_without_a_clear_frame(synthetic_root, tmp_pa
     cloudy_val = sorted((root / "val" / "NIR").iterdir())[0]
     _cloud_over(cloudy_train, 0.5)
     _cloud_over(cloudy_val, 0.5)
-    kw = dict(bands="NIR", n_frames=4, cache_dir=tmp_path / "c", progress=False, min_frame_clearance=0.85)
-    ds = ProbaVDataset(root, "train", **kw)
+    opts = DatasetOptions(bands="NIR", n_frames=4, cache_dir=tmp_path / "c", progress=False, min_frame_clearance=0.85)
+    ds = ProbaVDataset(root, "train", opts)
     assert ds.dropped == [f"NIR/{cloudy_train.name}"] and cloudy_train.name not in [n for _, n in ds.keys]
     assert len(ds.scenes) == len(list((root / "train" / "NIR").iterdir())) - 1
-    val = ProbaVDataset(root, "val", **kw)  # val keeps every scene; the cloudy one gets its clearest frame
+    val = ProbaVDataset(root, "val", opts)  # val keeps every scene; the cloudy one gets its clearest frame
     i = [n for _, n in val.keys].index(cloudy_val.name)
     assert val.frames_for(i, None).tolist() == [int(np.argmax(val.scenes[i]["clearance"]))] * 4
     for other in (root / "train" / "NIR").iterdir():
         _cloud_over(other, 0.5)
     with pytest.raises(DataError, match="min_frame_clearance"):
-        ProbaVDataset(root, "train", **kw)
+        ProbaVDataset(root, "train", opts)
 
 
 def test_grid_patches_cover_the_clear_grid(synthetic_root, tmp_path):
-    kw = dict(bands="all", n_frames=3, cache_dir=tmp_path / "c", progress=False, patch_size=32, min_clear=0.5)
-    ds = ProbaVDataset(synthetic_root, "train", patches="grid", repeats=2, **kw)
+    ds = ProbaVDataset(synthetic_root, "train", DatasetOptions(bands="all", n_frames=3, cache_dir=tmp_path / "c",
+                                                                progress=False, patch_size=32, min_clear=0.5,
+                                                                patches="grid", repeats=2))
     n_grid = sum(1 for s in ds.scenes for y in range(0, 128, 32) for x in range(0, 128, 32)
                  if s["sm"][3 * y:3 * y + 96, 3 * x:3 * x + 96].mean() >= 0.5)
     assert len(ds) == 2 * n_grid and 0 < n_grid <= 16 * len(ds.scenes)

@@ -10,7 +10,7 @@ import torch
 
 import train
 from engine.checkpoint import load_checkpoint
-from engine.trainer import SRModule
+from engine.trainer import SuperResolveForward
 from test_scripts import TINY_QANET, _common
 from utils.runtime import atomic_torch_save, autocast, make_scaler
 
@@ -53,7 +53,7 @@ def test_compiled_model_matches_eager_and_trains(synthetic_root, tmp_path):
     from utils.losses import compute_loss
     torch.manual_seed(0)
     net = build_model("qanet", n_modules=1, n_resblocks=1, n_feats=8, reduction=4)
-    eager, compiled = SRModule(net), torch.compile(SRModule(net))
+    eager, compiled = SuperResolveForward(net), torch.compile(SuperResolveForward(net))
     lr, qm = torch.rand(2, 9, 16, 16), (torch.rand(2, 9, 16, 16) > 0.2).float()
     hr, hm = torch.rand(2, 1, 48, 48), torch.ones(2, 1, 48, 48)
     grads = []

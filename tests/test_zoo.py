@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from models import highresnet, misrgru, trmisr
+from models import build_model, highresnet, misrgru, trmisr
 from models.highresnet import HighResNet, RecursiveFusion
 from models.misrgru import MISRGRU, GRUFusion, convert_released_state
 from models.trmisr import TRMISR, ClassTokenFusion
@@ -71,8 +71,8 @@ def test_kwargs_rebuild_the_model(name):
     small = {"highresnet": dict(n_feats=8, n_resblocks=1, deconv_channels=4),
              "misrgru": dict(n_feats=8, n_resblocks=1, gru_channels=(8, 6, 4), gru_kernel_sizes=(3, 1, 3)),
              "trmisr": dict(median_reference=False, n_feats=16, depth=2, n_heads=4, mlp_dim=8)}[name]
-    model = CLASSES[name](**small)
-    again = CLASSES[name](**json.loads(json.dumps(model.kwargs)))  # JSON-able, as in a checkpoint
+    model = build_model(name, **small)
+    again = build_model(name, **json.loads(json.dumps(model.kwargs)))  # JSON-able, as in a checkpoint
     assert again.kwargs == model.kwargs
     again.load_state_dict(model.state_dict(), strict=True)
 
@@ -274,7 +274,8 @@ def test_specs_declare_views_padding_and_hooks():
     for name in NAMES:
         spec = spec_of(name)
         assert spec.cls is CLASSES[name] and spec.trainable and not spec.uncertainty
-        assert spec.views in RECIPES and spec.padding == "zeros" and spec.ordered and not spec.uses_masks
+        assert spec.views in RECIPES and spec.padding == "zeros" and not spec.uses_masks
+        assert spec.frame_order_contract == "sequence"
         assert spec.reference_kwargs is MODELS[name].reference_kwargs is not None
     assert (spec_of("highresnet").n_views, spec_of("misrgru").n_views, spec_of("trmisr").n_views) == (16, 16, 24)
     assert spec_of("trmisr").train_views and not spec_of("highresnet").train_views

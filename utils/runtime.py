@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from .files import atomic_path
 
-__all__ = ["reuse_freed_memory", "release_freed_memory", "resolve_device", "open_device", "autocast", "make_scaler",
+__all__ = ["AMP_DTYPES", "check_amp", "reuse_freed_memory", "release_freed_memory", "resolve_device", "open_device",
+           "autocast", "make_scaler",
            "make_optimizer", "load_scaler_state", "cuda_graphed", "seed_everything", "rng_state", "set_rng_state",
            "Dist", "init_distributed", "atomic_torch_save"]
 
@@ -95,14 +96,22 @@ def open_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def autocast(device: torch.device, amp: str):
-    """The autocast context for ``amp`` in ``off | bf16 | fp16`` (a no-op context for ``off``)."""
-    if amp == "off":
-        return contextlib.nullcontext()
+# --amp: the autocast dtype of each setting (None: float32, no autocast); fp16 is CUDA's only
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    """A ValueError for an ``amp`` that ``device`` cannot run (fp16 autocast is CUDA's only)."""
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp=fp16 needs a CUDA device; use amp=bf16 or amp=off on CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+        raise ValueError(f"amp=fp16 needs a CUDA device, and this runs on {device}; use --amp=bf16 or --amp=off")
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context for ``amp`` in :data:`AMP_DTYPES` (a no-op context for ``off``)."""
+    if AMP_DTYPES[amp] is None:
+        return contextlib.nullcontext()
+    check_amp(amp, device)
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
@@ -136,8 +145,8 @@ def cuda_graphed(module: torch.nn.Module, sample_args: tuple, amp: str) -> torch
     second before accumulating micro-batches."""
     # the capture's warm-up passes run in training mode: keep the BatchNorm statistics as they were
     buffers = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    with torch.autocast("cuda", dtype=dtype, enabled=amp != "off", cache_enabled=False):
+    with torch.autocast("cuda", dtype=AMP_DTYPES[amp] or torch.float16, enabled=AMP_DTYPES[amp] is not None,
+                        cache_enabled=False):
         # allow_unused_input: inputs a model does not read (PIUnet: the masks; most models: the alphas)
         graphed = torch.cuda.make_graphed_callables(module, tuple(a.detach().clone() for a in sample_args),
                                                     allow_unused_input=True)
