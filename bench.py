@@ -133,10 +133,10 @@ def bench_losses(args) -> None:
 
 def authors_config(name: str) -> dict:
     """The batch and frame count of a model's published training recipe (its authors' preset)."""
-    from config import PRESETS
+    from config import parse_args
     from models import spec_of
-    preset = PRESETS[spec_of(name).preset]
-    return dict(batch=preset["batch_size"], frames=preset["n_frames"])
+    cfg = parse_args([f"--preset={spec_of(name).preset}"])  # resolved: a preset leaves out what the defaults say
+    return dict(batch=cfg.batch_size, frames=cfg.n_frames)
 
 
 def _train_step_fn(model, name: str, batch: int, frames: int, patch: int, device, amp: str, reference: bool,

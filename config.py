@@ -17,6 +17,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
+from data import BANDS, FRAME_ORDERS, PATCHES, SELECTIONS, SPLITS
 from models import MODELS, model_kwargs
 from utils.losses import LOSSES
 from utils.runtime import AMP_DTYPES
@@ -145,18 +146,19 @@ class Config:
         return dataclasses.replace(self, **kw)
 
 
+# the choices of each field, from the tables that own them (lr_unit and best_metric are config's own)
 CHOICES = {
     "model": tuple(MODELS),
-    "band": ("NIR", "RED", "all"),
-    "split": ("train", "holdout", "val", "test"),
+    "band": BANDS + ("all",),
+    "split": SPLITS,
     "amp": tuple(AMP_DTYPES),
-    "train_selection": ("clearest", "weighted", "coverage", "all"),
-    "val_selection": ("clearest", "weighted", "coverage", "all"),
+    "train_selection": tuple(SELECTIONS),
+    "val_selection": tuple(SELECTIONS),
     "lr_unit": ("epoch", "step", "plateau"),
     "loss": tuple(LOSSES),
     "warmup_loss": ("",) + tuple(LOSSES),
-    "patches": ("random", "grid", "windows"),
-    "frame_order": ("selection", "shuffled", "clearest_first"),
+    "patches": tuple(PATCHES),
+    "frame_order": tuple(FRAME_ORDERS),
     "best_metric": ("score", "cpsnr"),
 }
 
@@ -234,6 +236,15 @@ PRESETS: dict[str, dict] = {
                    patches="grid", min_clear=0.85, n_frames=24, train_selection="clearest", val_selection="clearest",
                    lr_unit="plateau", lr_gamma=0.95, lr_milestones=(), grad_clip=0.0, loss="cpsnr_shift",
                    val_every=1, frame_order="selection"),
+    # 3DWDSRNet (Dorr), its train.py and dataset/preprocessing.py: one model per band, the author's 7
+    # registered views (the model's recipe, for training too), 32x32 LR patches of the 4x4 grid whose HR
+    # is more than 85% clear, training scenes without a frame 85% clear left out, L1 after the brightness
+    # bias at the best of the 49 shifts (registered L1), batch 32, a constant 5e-4 (Adam for their Nadam),
+    # 100 epochs.
+    "wdsr3d": dict(model="wdsr3d", band="NIR", epochs=100, batch_size=32, lr=5e-4, weight_decay=0.0, n_frames=7,
+                   patches="grid", min_clear=0.85, min_frame_clearance=0.85, train_selection="clearest",
+                   val_selection="clearest", lr_milestones=(), grad_clip=0.0, loss="l1_reg", val_every=1,
+                   best_metric="cpsnr", frame_order="selection"),
 }
 
 

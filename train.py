@@ -22,12 +22,13 @@ import torch
 from tqdm import tqdm
 
 from config import CommandLine, Config, ConfigError, parse_command
-from data import DataError, ProbaVDataset, build_dataset, read_norm
+from data import DataError, ProbaVDataset, build_dataset, norm_of
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.keeper import CheckpointKeeper
 from engine.layout import RunFolder
 from engine.plan import format_plan, make_plan
-from engine.trainer import Trainer, TrainingDiverged, check_placement, describe
+from engine.trainer import Trainer, TrainingDiverged, check_placement
+from engine.validation import describe
 from models import spec_of
 from utils.files import EventWriter, FolderInUse, WriteError, atomic_write_text, folder_lock, sweep_temporaries
 from utils.runtime import Dist, init_distributed, seed_everything
@@ -115,8 +116,7 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
     seed_everything(cfg.seed)
     prepare_data_dir(cfg, dist)
     train_ds, val_ds, holdout_ds = datasets(cfg, progress=dist.main)
-    norm_file = Path(cfg.data_dir) / "norm.csv"
-    norm = read_norm(norm_file) if norm_file.exists() else {}
+    norm = norm_of(cfg.data_dir)
     trainer = Trainer(cfg, dist, device, ckpt)
     keeper = CheckpointKeeper(trainer.run, cfg.max_steps, cfg.max_minutes, main=dist.main, metric=cfg.best_metric)
     p, summary = trainer.progress, None

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from config import ConfigError, parse_command
-from data import BANDS, DataError, build_dataset, read_norm, write_png
+from data import BANDS, DataError, build_dataset, norm_of, write_png
 from engine.checkpoint import CheckpointError, load_for_eval
 from engine.evaluate import evaluate, summarize, to_uint16
 from models import spec_of
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds = build_dataset(cfg, cfg.split)
     for folder in (out, *(out / "sr" / band for band in BANDS)):
         sweep_temporaries(folder)  # what a run killed while writing left
-    norm_file = Path(cfg.data_dir) / "norm.csv"
-    norm = read_norm(norm_file) if norm_file.exists() else {}
+    norm = norm_of(cfg.data_dir)
 
     uncertainty = UncertaintyReport() if spec_of(model).uncertainty else None
 

@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Check", "Context", "checks", "add_arguments", "main", "TINY", "FAST"]
+__all__ = ["Check", "Context", "checks", "network", "add_arguments", "main", "TINY", "FAST"]
 
 ROOT = Path(__file__).resolve().parents[1]  # the project folder: train.py, valid.py, predict.py, tests/
 
@@ -50,7 +50,8 @@ TINY = {"qanet": {"n_modules": 1, "n_resblocks": 1, "n_feats": 8, "reduction": 4
         "highresnet": {"n_feats": 8, "n_resblocks": 1, "deconv_channels": 4},
         "misrgru": {"n_feats": 8, "n_resblocks": 1, "gru_channels": [8], "gru_kernel_sizes": [3],
                     "deconv_channels": 4},
-        "trmisr": {"n_feats": 8, "n_resblocks": 1, "depth": 1, "n_heads": 2, "mlp_dim": 8}}
+        "trmisr": {"n_feats": 8, "n_resblocks": 1, "depth": 1, "n_heads": 2, "mlp_dim": 8},
+        "wdsr3d": {"n_feats": 8, "n_resblocks": 1, "expansion": 2}}
 
 # A few steps and one small validation: each path runs start to finish (train, validate, save) in
 # seconds. min_clear 0: synthetic patches are rarely as clear as the real recipes ask (TR-MISR keeps
@@ -121,10 +122,17 @@ class Check:
     timeout: float = 240.0
 
 
+def network(preset: str) -> tuple[str, dict]:
+    """``(model, model_args)`` that the checks train for ``preset``: its own, with TINY's arguments
+    where the preset trains its model at full size (model_args {}). Resolved as train.py resolves
+    the preset: a preset may leave out what the defaults say."""
+    from config import parse_args
+    cfg = parse_args([f"--preset={preset}"])
+    return cfg.model, cfg.model_args or TINY.get(cfg.model, {})
+
+
 def _model_args(preset: str) -> list[str]:
-    from config import PRESETS
-    recipe = PRESETS[preset]
-    args = recipe.get("model_args") or TINY.get(recipe.get("model", ""), {})
+    args = network(preset)[1]
     return [f"--model_args={json.dumps(args)}"] if args else []
 
 
@@ -164,6 +172,7 @@ def evaluate(script: str, source: str) -> Command:
 
 
 def pytest_cuda(ctx: Context, out: Path) -> list[str]:
+    """tests/test_cuda.py: graph replays against eager (alphas, baseline residual, scaler, EMA), fused Adam."""
     return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]
 
 

@@ -17,10 +17,7 @@ __all__ = ["build_dataset", "dataset_options"]
 def _keeps_order(spec) -> bool:
     """Whether augmentation must leave the frames in the order ``frame_order`` gives, for ``spec``
     (a :class:`models.ModelSpec`): every model whose output can depend on that order."""
-    contract = getattr(spec, "frame_order_contract", None)
-    if contract is None:  # TODO remove fallback: a ModelSpec from before frame_order_contract
-        return spec.ordered or not spec.order_invariant
-    return contract != "set"
+    return spec.frame_order_contract != "set"
 
 
 def dataset_options(cfg, band: str | None = None, training: bool = False, progress: bool = True,

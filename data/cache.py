@@ -157,7 +157,7 @@ def load_views_cached(path: Path, scene: dict, recipe: str, n: int, cache_dir: P
     on one core): cached, it is computed once per scene.
     """
     if cache_dir is None:
-        views = RECIPES[recipe](scene["lr"], scene["qm"], n)
+        views = RECIPES[recipe].views(scene["lr"], scene["qm"], n)
         return views.frames, views.shifts
     path = Path(path)
     sig = scene_signature(path)
@@ -169,7 +169,7 @@ def load_views_cached(path: Path, scene: dict, recipe: str, n: int, cache_dir: P
                     return z["frames"], z["shifts"]
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache entry is rebuilt below
-    views = RECIPES[recipe](scene["lr"], scene["qm"], n)
+    views = RECIPES[recipe].views(scene["lr"], scene["qm"], n)
     with atomic_path(cfile) as tmp:
         np.savez(tmp, signature=sig, frames=views.frames, shifts=views.shifts)
     return views.frames, views.shifts

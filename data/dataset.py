@@ -256,7 +256,7 @@ class ProbaVDataset(Dataset):
         s, n = self.scenes[index], self.options.n_frames
         if self._views is not None:
             frames, shifts = self._views[index]
-            v = assemble_views(s["lr"], s["qm"], frames, shifts, n)
+            v = assemble_views(s["lr"], s["qm"], frames, shifts, n, fill=RECIPES[self.options.views].fill)
             return v.lrs, v.qms, v.alphas
         idx = self.frames_for(index, rng, window)
         lr, qm = s["lr"][idx], s["qm"][idx]

@@ -22,7 +22,7 @@ from PIL import Image
 
 from utils.files import atomic_path
 
-__all__ = ["DataError", "DatasetNotFoundError", "read_scene", "read_png", "write_png", "read_norm",
+__all__ = ["DataError", "DatasetNotFoundError", "read_scene", "read_png", "write_png", "read_norm", "norm_of",
            "list_scenes", "BANDS", "LR_SIZE", "HR_SIZE", "SCALE"]
 
 BANDS = ("NIR", "RED")
@@ -156,6 +156,13 @@ def read_norm(path: str | os.PathLike) -> dict[str, float]:
         except (IndexError, ValueError):
             raise DataError(f"{path}:{i}: expected 'imgsetNNNN value', got {line!r}") from None
     return out
+
+
+def norm_of(root: str | os.PathLike) -> dict[str, float]:
+    """The baseline cPSNR of each scene of a dataset root, from its ``norm.csv``; empty when the root
+    has none (then scores are cPSNR only: no Kelvin score). The scripts' one reader of norm.csv."""
+    path = Path(root) / "norm.csv"
+    return read_norm(path) if path.exists() else {}
 
 
 def list_scenes(root: str | os.PathLike, split: str, band: str) -> list[Path]:

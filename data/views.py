@@ -9,6 +9,13 @@ HighRes-net (ServiceNow/HighRes-net) and MISR-GRU (rarefin/MISR-GRU), ``get_sr_a
     default; their configs say 32 and 24), zero views with alpha 0 appended up to ``min_L``, frames as
     uint16/65535. No QM goes into the network; the median reference of the first 9 views is computed
     inside the network. The SR is clipped to [0, 1] before scoring.
+3DWDSRNet (frandorr/3DWDSRNet), ``dataset/preprocessing.py``:
+    every frame registered to the clearest (the most clear QM pixels) by masked phase correlation
+    with the frame's own QM (for both images), an integer shift: the frame moved with reflection,
+    its QM with zeros; frames more than 15% masked after registration dropped (a scene with none
+    left keeps all, where the author skips it); the 7 least masked, clearest first, ties in file
+    order, made up to 7 by random repeats (NumPy's legacy generator seeded 0 per scene). Frames as
+    uint16/65535, no zero views; the network averages them for its mean-frame path.
 TR-MISR (Suanmd/TR-MISR), ``src/val.py``:
     the 24 clearest views, clearest first (``heapq.nlargest``), each registered to the first by masked
     phase correlation (both QMs, overlap ratio 0.99) with an integer shift and zero fill, zero views
@@ -18,13 +25,14 @@ Clearance is the number of clear QM pixels of a frame; the authors sum the raw 0
 constant multiple, so the order is the same.
 
 :data:`RECIPES` names them for the registry (``models.ModelSpec.views``): ``sorted_padded``
-(HighRes-net, MISR-GRU) and ``registered_padded`` (TR-MISR). A recipe's choice (frames and shifts)
+(HighRes-net, MISR-GRU), ``registered_padded`` (TR-MISR) and ``registered_reflect`` (3DWDSRNet), each
+with how its frames are moved (``fill``: what a shift brings in). A recipe's choice (frames and shifts)
 is all the dataset caches; :func:`assemble_views` rebuilds the input from it.
 """
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 from skimage.registration import phase_cross_correlation
@@ -33,8 +41,9 @@ from skimage.registration import phase_cross_correlation
 from models.trmisr import TRMISR_MAX
 from models.trmisr import postprocess as trmisr_postprocess
 
-__all__ = ["Views", "RECIPES", "order_by_clearance", "pad_views", "shift_zero_fill", "register_to_first",
-           "assemble_views", "highresnet_views", "trmisr_views", "trmisr_postprocess", "TRMISR_MAX"]
+__all__ = ["Views", "Recipe", "RECIPES", "order_by_clearance", "pad_views", "shift_zero_fill", "shift_reflect",
+           "register_to_first", "assemble_views", "highresnet_views", "trmisr_views", "wdsr3d_views",
+           "trmisr_postprocess", "TRMISR_MAX"]
 
 _SMALL = 16  # NumPy's quicksort sorts runs of at most this many elements by insertion
 
@@ -178,6 +187,20 @@ def shift_zero_fill(img: np.ndarray, shift) -> np.ndarray:
     return out
 
 
+def shift_reflect(img: np.ndarray, shift) -> np.ndarray:
+    """``img`` translated by an integer (row, col) ``shift`` on its last two axes, the edge mirrored in:
+    ``scipy.ndimage.shift(img, shift, mode='reflect')`` for integer shifts (``d c b a | a b c d``),
+    exactly, without its spline."""
+    out = np.asarray(img)
+    for axis, s in zip((-2, -1), (int(v) for v in shift), strict=True):
+        n = out.shape[axis]
+        src = np.arange(n) - s
+        src = np.where(src < 0, -src - 1, src)
+        src = np.where(src >= n, 2 * n - 1 - src, src)
+        out = np.take(out, np.clip(src, 0, n - 1), axis=axis)  # clip: shifts past a whole frame
+    return out
+
+
 def register_to_first(lr: np.ndarray, qm: np.ndarray,
                       overlap_ratio: float = 0.99) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """TR-MISR's registration: every frame moved onto frame 0 by an integer shift, zero fill.
@@ -210,20 +233,23 @@ def register_to_first(lr: np.ndarray, qm: np.ndarray,
     return lr_reg, qm_reg, shifts
 
 
-def assemble_views(lr: np.ndarray, qm: np.ndarray, frames, shifts, n: int) -> Views:
+def assemble_views(lr: np.ndarray, qm: np.ndarray, frames, shifts, n: int, fill: str = "zeros") -> Views:
     """A recipe's input rebuilt from its choice: ``frames`` in order, each moved by its ``shifts``
-    row with zero fill, scaled to [0, 1], then zero views (alpha 0) up to ``n``.
+    row (the frame with zeros or by reflection, ``fill``; the mask always with zeros: not clear),
+    scaled to [0, 1], then zero views (alpha 0) up to ``n``.
 
     Args:
         lr: ``(T,h,w)`` uint16 frames (or floats in [0, 1]) of the scene; ``qm``: their masks.
         frames: ``(k,)`` indices, ``k <= n``; ``shifts``: ``(k,2)`` integer (row, col) shifts.
         n: number of views the model takes.
+        fill: ``"zeros"`` or ``"reflect"``, what a shift brings into a frame.
     """
+    move = {"zeros": shift_zero_fill, "reflect": shift_reflect}[fill]
     frames = np.asarray(frames, dtype=np.int64)
     shifts = np.asarray(shifts, dtype=np.int64).reshape(len(frames), 2)
     lr_sel, qm_sel = np.asarray(lr)[frames], np.asarray(qm)[frames] != 0
     for i in np.flatnonzero(shifts.any(1)):
-        lr_sel[i], qm_sel[i] = shift_zero_fill(lr_sel[i], shifts[i]), shift_zero_fill(qm_sel[i], shifts[i])
+        lr_sel[i], qm_sel[i] = move(lr_sel[i], shifts[i]), shift_zero_fill(qm_sel[i], shifts[i])
     lrs, qms, alphas = pad_views(lr_sel, qm_sel, np.arange(len(frames)), n)
     return Views(lrs, qms, alphas, frames, shifts)
 
@@ -249,5 +275,44 @@ def trmisr_views(lr: np.ndarray, qm: np.ndarray, n: int = 24) -> Views:
     return assemble_views(lr, qm, frames, shifts, n)
 
 
-# The recipes by name (models.ModelSpec.views): ``recipe(lr (T,h,w), qm (T,h,w), n) -> Views``.
-RECIPES = {"sorted_padded": highresnet_views, "registered_padded": trmisr_views}
+WDSR3D_MAX_MASKED = 0.15  # 3DWDSRNet drops frames with more masked pixels than this (after registration)
+
+
+def wdsr3d_views(lr: np.ndarray, qm: np.ndarray, n: int = 7) -> Views:
+    """3DWDSRNet input: every frame registered to the clearest, the dirty dropped, the ``n`` least
+    masked (clearest first, stable), random repeats up to ``n`` (see the module docstring)."""
+    lr, qm = np.asarray(lr), np.asarray(qm) != 0
+    ref = int(np.argmax(qm.sum((1, 2))))
+    shifts = np.zeros((len(lr), 2), np.int64)
+    masked = np.zeros(len(lr), np.int64)
+    for i in range(len(lr)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            # the author's call: the frame's own mask for both images (moving_mask defaults to it)
+            s = phase_cross_correlation(lr[ref], lr[i], reference_mask=qm[i])
+        shifts[i] = np.rint(s[0] if isinstance(s, tuple) else s).astype(np.int64)
+        masked[i] = np.count_nonzero(~shift_zero_fill(qm[i], shifts[i]))
+    dirty = np.flatnonzero(masked / masked.dtype.type(qm[0].size) > WDSR3D_MAX_MASKED)
+    # the author tests np.any(indices): frame 0 alone is never dropped; every frame dirty: keep all
+    keep = np.ones(len(lr), bool)
+    if np.any(dirty) and len(dirty) < len(lr):
+        keep[dirty] = False
+    kept = np.flatnonzero(keep)
+    chosen = kept[np.argsort(masked[kept], kind="stable")][:n]
+    rng = np.random.RandomState(0)  # the author's np.random, seeded per scene (the reference's convention)
+    extra = [chosen[rng.randint(0, len(chosen))] for _ in range(n - len(chosen))]
+    frames = np.concatenate([chosen, np.asarray(extra, np.int64)]).astype(np.int64)
+    return assemble_views(lr, qm, frames, shifts[frames], n, fill="reflect")
+
+
+class Recipe(NamedTuple):
+    """An authors' view recipe: ``views(lr (T,h,w), qm (T,h,w), n) -> Views``, and what a shift
+    brings into its frames when :func:`assemble_views` rebuilds them from the cached choice."""
+
+    views: Callable[..., Views]
+    fill: str = "zeros"
+
+
+# The recipes by name (models.ModelSpec.views).
+RECIPES = {"sorted_padded": Recipe(highresnet_views), "registered_padded": Recipe(trmisr_views),
+           "registered_reflect": Recipe(wdsr3d_views, fill="reflect")}

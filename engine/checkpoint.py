@@ -138,6 +138,29 @@ def _misfit(path, name: str, model: nn.Module, state: dict) -> CheckpointError:
     return CheckpointError(f"{path}: the weights do not fit {name}({dict(model.kwargs)}): {'; '.join(parts)}{hint}")
 
 
+def is_foreign(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an authors' checkpoint in a format of their own rather than a torch file: a
+    folder (a TensorFlow checkpoint as released) or a TensorFlow index (``ckpt-N.index``)."""
+    path = Path(path)
+    return path.is_dir() or path.suffix == ".index"
+
+
+def _released_model(path, model_name: str | None, kwargs: dict) -> nn.Module:
+    """A model with the weights of an authors' checkpoint in their own format (``spec.read_released``)."""
+    readers = [n for n in TRAINABLE if spec_of(n).read_released is not None]
+    if model_name is None or spec_of(model_name).read_released is None:
+        raise CheckpointError(f"{path}: an authors' checkpoint folder or TensorFlow index, which only "
+                              f"{', '.join(readers)} can read; say which network it holds with "
+                              f"{' or '.join('--model=' + n for n in readers)}")
+    model = build_model(model_name, **kwargs)
+    try:
+        state = spec_of(model_name).read_released(path, **{k: v for k, v in model.kwargs.items() if k != "tile"})
+    except (OSError, ValueError, KeyError) as e:  # a damaged, foreign or misshapen file: the reader names it
+        raise CheckpointError(f"{path}: cannot read {model_name}'s released weights: {e}") from None
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 def model_from_checkpoint(path: str | os.PathLike, model_name: str | None = None,
                           model_kwargs: dict | None = None, expect: str | None = None) -> tuple[nn.Module, dict]:
     """``(model in eval mode, checkpoint dict)`` from one of our checkpoints or an authors' file.
@@ -152,6 +175,10 @@ def model_from_checkpoint(path: str | os.PathLike, model_name: str | None = None
             or weights that do not fit (the first missing/unexpected keys, and the model they fit), or
             a model other than ``expect`` (when given).
     """
+    if is_foreign(path):  # e.g. a TensorFlow checkpoint folder as its authors released it
+        model = _released_model(path, model_name, model_kwargs or {})
+        return model, {"model_name": model_name, "model_kwargs": dict(model.kwargs), "model": model.state_dict(),
+                       "config": None}
     ckpt = load_checkpoint(path)
     if "model_name" in ckpt and "model" in ckpt:
         model = build_model(ckpt["model_name"], **ckpt.get("model_kwargs", {}))
@@ -183,6 +210,13 @@ def _on_cuda(device: str) -> bool:
         return False
 
 
+def _fed_frames(cfg: Config) -> int:
+    """The frames a full scene gives the model at evaluation: its authors' recipe's views where it has
+    one (data.build_dataset feeds those), else ``n_frames``."""
+    spec = spec_of(cfg.model)
+    return spec.n_views if spec.views else cfg.n_frames
+
+
 def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") -> tuple[Config, nn.Module, Path]:
     """Config (the checkpoint's, changed where the command line says so), the model, and the output folder.
 
@@ -203,7 +237,7 @@ def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") 
         raise ConfigError(f"say what to run: --checkpoint=PATH (a training checkpoint or the authors' weights with "
                           f"--model={'|'.join(TRAINABLE)}) or {' or '.join('--model=' + n for n in untrained)}")
     model, ckpt = model_from_checkpoint(cfg.checkpoint, cfg.model if explicit_model else None,
-                                        model_kwargs(cfg.model, cfg.model_args, cfg.n_frames),
+                                        model_kwargs(cfg.model, cfg.model_args, _fed_frames(cfg)),
                                         expect=cfg.model if explicit_model else None)
     if ckpt.get("config"):
         # the training run's settings, less what only trained it (graphs, compile) or only fits its machine
@@ -217,7 +251,7 @@ def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     try:
-        check_frames(model, cfg.n_frames)
+        check_frames(model, _fed_frames(cfg))
     except ValueError as e:
         raise ConfigError(f"{cfg.checkpoint}: {e}") from None
     ckpt_path = Path(cfg.checkpoint)

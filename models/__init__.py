@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from . import highresnet, misrgru, piunet, qanet, trmisr
+from . import highresnet, misrgru, piunet, qanet, trmisr, wdsr3d
 from .baseline import ESABaseline, bicubic_upscale, esa_baseline
 from .highresnet import HighResNet
 from .layers import request_channels_last
@@ -33,6 +33,7 @@ from .misrgru import MISRGRU
 from .piunet import PIUnet
 from .qanet import QANet
 from .trmisr import TRMISR
+from .wdsr3d import WDSR3D
 
 FRAME_ORDER_CONTRACTS = ("set", "positional", "sequence")  # see ModelSpec.frame_order_contract
 
@@ -79,6 +80,8 @@ class ModelSpec:
             (B,1,H,W)`` in [0,1]; None: clip to [0,1].
         lr_scale: submodule name -> factor of the learning rate for its parameters (the authors'
             parameter groups); the rest trains at the learning rate.
+        read_released: ``f(path, **model kwargs) -> state dict`` reading the authors' released weights
+            in a format of their own (not a torch file: e.g. a TensorFlow checkpoint folder), or None.
     """
 
     cls: type[nn.Module]
@@ -99,6 +102,7 @@ class ModelSpec:
     train_views: bool = False
     postprocess: Callable | None = None
     lr_scale: dict = field(default_factory=dict)
+    read_released: Callable[..., dict] | None = None
 
     @property
     def uncertainty(self) -> bool:
@@ -137,6 +141,12 @@ MODELS: dict[str, ModelSpec] = {
                         reference_kwargs=trmisr.kwargs_from_reference, preset="trmisr", padding="zeros",
                         frame_order_contract="sequence", views="registered_padded", n_views=24, train_views=True,
                         postprocess=trmisr.postprocess, lr_scale={"superres": 0.5}),
+    # 3DWDSRNet: 7 frames registered to the clearest (moved with reflection), the least masked first,
+    # repeated (not zero-padded) up to 7; its output clipped to [0, 65536] DN and rounded; its released
+    # weights are TensorFlow checkpoints, read without TensorFlow
+    "wdsr3d": ModelSpec(WDSR3D, "3DWDSRNet", frames_arg="n_frames", uses_masks=False, preset="wdsr3d",
+                        views="registered_reflect", n_views=7, train_views=True, postprocess=wdsr3d.postprocess,
+                        read_released=wdsr3d.read_released),
 }
 
 # the models built from their authors' configuration by from_reference (the ones with released weights)
@@ -257,4 +267,5 @@ def from_reference(name: str, state_dict: dict | None = None, config: dict | Non
 
 __all__ = ["MODELS", "ModelSpec", "TRAINABLE", "name_of", "spec_of", "model_kwargs", "check_frames", "build_model",
            "from_reference", "reference_kwargs", "released_state", "request_channels_last", "QANet", "PIUnet",
-           "ESABaseline", "HighResNet", "MISRGRU", "TRMISR", "esa_baseline", "bicubic_upscale", "REFERENCE_NAMES"]
+           "ESABaseline", "HighResNet", "MISRGRU", "TRMISR", "WDSR3D", "esa_baseline", "bicubic_upscale",
+           "REFERENCE_NAMES"]

@@ -32,8 +32,8 @@ from utils.units import FULL_SCALE, destandardize, standardize
 
 from .layers import full_precision
 
-__all__ = ["WDSR3D", "WNConv", "WideBlock", "state_from_tf", "tf_layer_order", "load_released", "postprocess",
-           "WDSR3D_MAX"]
+__all__ = ["WDSR3D", "WNConv", "WideBlock", "state_from_tf", "tf_layer_order", "read_released", "load_released",
+           "postprocess", "WDSR3D_MAX"]
 
 # The author's output step: the SR in DN clipped to [0, 2**16] and rounded (predict.py), in [0,1] units.
 WDSR3D_MAX = 65536 / FULL_SCALE
@@ -130,7 +130,6 @@ class WDSR3D(nn.Module):
     is not clipped (the author clips to [0, 65536] DN and rounds: :func:`postprocess`).
     """
 
-    registry_name = "wdsr3d"
     has_uncertainty = False
 
     def __init__(self, scale: int = 3, n_feats: int = 32, n_resblocks: int = 8, expansion: int = 6,
@@ -141,8 +140,6 @@ class WDSR3D(nn.Module):
                              f"({n_frames // 3} reducers of 2 frames and a last 3x3x3 convolution); use 5, 7 or 9")
         if tile < 0:
             raise ValueError(f"WDSR3D: tile must be >= 0 (0: whole frame), got {tile}")
-        self.kwargs = dict(scale=scale, n_feats=n_feats, n_resblocks=n_resblocks, expansion=expansion,
-                           low_rank=low_rank, n_frames=n_frames, tile=tile)
         self.scale, self.n_frames, self.tile = scale, n_frames, tile
         self.head = WNConv(3, 1, n_feats, 3, padding=1)
         self.blocks = nn.ModuleList([WideBlock(n_feats, expansion, low_rank) for _ in range(n_resblocks)])
@@ -158,7 +155,7 @@ class WDSR3D(nn.Module):
             x = block(x)
         for reducer in self.reducers:
             # reflection in space keeps h x w; the 'valid' convolution takes 2 frames
-            x = F.relu(reducer(F.pad(x, (1, 1, 1, 1, 0, 0), mode="constant")))
+            x = F.relu(reducer(F.pad(x, (1, 1, 1, 1, 0, 0), mode="reflect")))
         x = full_precision(self.tail, x)  # (B, scale**2, 1, h-2, w-2); float32 under autocast: it is the SR
         # one output channel: TF's depth_to_space and torch's pixel_shuffle take the same order (i*scale + j)
         return F.pixel_shuffle(x[:, :, 0], self.scale)
@@ -246,7 +243,8 @@ def state_from_tf(variables: dict[str, np.ndarray], n_resblocks: int = 8, n_fram
     tf = {k.removesuffix(_TF_SUFFIX): v for k, v in variables.items()
           if k.startswith(_TF_PREFIX) and "/.OPTIMIZER_SLOT/" not in k}
     order = tf_layer_order(n_resblocks, n_frames)
-    extra = sorted({int(k[len(_TF_PREFIX):].split("/")[0]) for k in tf} - set(range(len(order))))
+    layers = {k.split("/")[1].removeprefix("layer_with_weights-") for k in tf}
+    extra = sorted(layers - {str(k) for k in range(len(order))})
     if extra:
         raise ValueError(f"the checkpoint has layers {extra} beyond the {len(order)} of WDSR3D(n_resblocks="
                          f"{n_resblocks}, n_frames={n_frames})")
@@ -265,17 +263,25 @@ def state_from_tf(variables: dict[str, np.ndarray], n_resblocks: int = 8, n_fram
     return state
 
 
-def load_released(folder: str | Path, **kwargs) -> WDSR3D:
-    """A :class:`WDSR3D` with the author's released weights, e.g. ``load_released(".../wdsr-32-8-6-7-nir-all")``.
+def read_released(path: str | Path, n_resblocks: int = 8, n_frames: int = 7, **kwargs) -> dict[str, torch.Tensor]:
+    """The author's released weights as a :class:`WDSR3D` state dict, from a checkpoint folder as
+    released (its ``checkpoint`` file names the latest ``ckpt-N``), a ``ckpt-N.index`` or the prefix.
 
-    Reads only the model's variables of the checkpoint (not the optimizer's slots), checksums
-    verified. ``kwargs``: :class:`WDSR3D` arguments (the released networks use the defaults;
-    ``tile`` may be changed freely). Returns the model in eval mode, on the CPU.
+    Reads only the model's variables (not the optimizer's slots), checksums verified; nothing is
+    executed. ``n_resblocks``, ``n_frames``, ``kwargs``: the :class:`WDSR3D` arguments (the released
+    networks use the defaults). Errors: :class:`utils.tfcheckpoint.CheckpointError` (a damaged or
+    foreign file), ``FileNotFoundError``, and those of :func:`state_from_tf`.
     """
-    names = [n for n in list_tf_checkpoint(folder)
+    names = [n for n in list_tf_checkpoint(path)
              if n.startswith(_TF_PREFIX) and "/.OPTIMIZER_SLOT/" not in n and "/initialized/" not in n]
+    return state_from_tf(read_tf_checkpoint(path, names), n_resblocks, n_frames, **kwargs)
+
+
+def load_released(folder: str | Path, **kwargs) -> WDSR3D:
+    """A :class:`WDSR3D` with the author's released weights (:func:`read_released`), e.g.
+    ``load_released(".../wdsr-32-8-6-7-nir-all")``; ``kwargs``: :class:`WDSR3D` arguments (``tile``
+    may be changed freely). Returns the model in eval mode, on the CPU."""
     model = WDSR3D(**kwargs)
-    arch = {k: v for k, v in model.kwargs.items() if k not in ("n_resblocks", "n_frames")}
-    model.load_state_dict(state_from_tf(read_tf_checkpoint(folder, names), model.kwargs["n_resblocks"],
-                                        model.kwargs["n_frames"], **arch))
+    arch = {k: v for k, v in kwargs.items() if k not in ("tile",)}
+    model.load_state_dict(read_released(folder, **arch))
     return model.eval()

@@ -74,10 +74,13 @@ def test_gpu_check_trains_every_preset_on_a_small_network():
     """A preset of the authors' full-size network (model_args {}) needs an entry in gpu_check.TINY: a
     full-size network would take the check past its minutes (and a CPU run past its hour)."""
     from benchmarks import gpu_check
-    from config import PRESETS
-    full_size = [p for p, recipe in PRESETS.items()
-                 if not recipe.get("model_args") and recipe.get("model", "qanet") not in gpu_check.TINY]
+    from config import PRESETS, parse_args
+    full_size = [p for p in PRESETS if not gpu_check.network(p)[1]]
     assert not full_size, f"add the model of preset(s) {full_size} to benchmarks/gpu_check.py TINY"
+    for p in PRESETS:  # the recipe's own small network is kept as it is
+        own = parse_args([f"--preset={p}"]).model_args
+        assert gpu_check.network(p)[1] == (own or gpu_check.TINY[parse_args([f"--preset={p}"]).model])
+    assert gpu_check.network("qanet") == ("qanet", gpu_check.TINY["qanet"])
 
 
 def test_gpu_check_on_cpu_trains_then_validates_with_the_ensemble(synthetic_root, tmp_path, capsys):
@@ -159,5 +162,6 @@ def test_gpu_check_on_cpu_runs_exactly_the_paths_that_need_no_gpu(capsys, monkey
     assert {n for n, r in rows.items() if r[0] == "PASS"} == {n for n, need in needs.items() if need == "any"}
     assert {n for n, r in rows.items() if r[0] == "SKIP"} == {n for n, need in needs.items() if need != "any"}
     assert len(ran) == sum(need == "any" for need in needs.values())
-    for argv in ran:  # on a CPU: no CUDA flag, every script on the CPU
+    for argv in ran:  # on a CPU: no CUDA flag, every script on the CPU; every training run on a small network
         assert "--device=cpu" in argv and not any(a.startswith(("--cuda_graphs", "--compile")) for a in argv)
+        assert argv[1] != "train.py" or any(a.startswith("--model_args={") for a in argv)

@@ -14,9 +14,8 @@ import torch
 import predict
 import train
 import valid
-from conftest import ROOT
+from conftest import ROOT, TINY_PIUNET, common_args
 from engine.checkpoint import CheckpointError, load_checkpoint
-from test_scripts import TINY_PIUNET, _common
 from utils.runtime import rng_state, set_rng_state
 
 
@@ -58,7 +57,7 @@ def test_train_refuses_a_checkpoint_that_runs_code(evil, synthetic_root, tmp_pat
     run = tmp_path / "r"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.pt").write_bytes(path.read_bytes())
-    args = _common(synthetic_root, tmp_path) + TINY_PIUNET
+    args = common_args(synthetic_root, tmp_path) + TINY_PIUNET
     with pytest.raises(CheckpointError, match=r"last\.pt: refused"):
         train.main(args + [f"--out_dir={run}", "--resume"])
     with pytest.raises(CheckpointError, match=r"evil\.pt: refused"):
@@ -67,7 +66,7 @@ def test_train_refuses_a_checkpoint_that_runs_code(evil, synthetic_root, tmp_pat
 
 
 def test_checkpoints_hold_only_weights_only_types(synthetic_root, tmp_path):
-    run = train.main(_common(synthetic_root, tmp_path) + TINY_PIUNET + [f"--out_dir={tmp_path / 'r'}",
+    run = train.main(common_args(synthetic_root, tmp_path) + TINY_PIUNET + [f"--out_dir={tmp_path / 'r'}",
                                                                         "--max_steps=1"])
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)  # no allow-list
@@ -97,7 +96,7 @@ def test_kill_9_then_resume_is_bit_identical(synthetic_root, tmp_path):
     """SIGKILL at any moment (even while last.pt is written) loses nothing: resuming from last.pt
     gives exactly the weights of a run that was never stopped."""
     run = tmp_path / "killed"
-    args = _common(synthetic_root, tmp_path) + TINY_PIUNET + ["--val_every=100000"]
+    args = common_args(synthetic_root, tmp_path) + TINY_PIUNET + ["--val_every=100000"]
     cmd = [sys.executable, str(ROOT / "train.py")] + args + [f"--out_dir={run}", "--epochs=100000"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -6,9 +6,8 @@ import sys
 
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, TINY_PIUNET, TINY_QANET, common_args
 from engine.checkpoint import load_checkpoint
-from test_scripts import TINY_PIUNET, TINY_QANET, _common
 
 
 def _run(cmd: list[str]) -> None:
@@ -21,7 +20,7 @@ def test_two_processes_equal_one_process_with_gradient_accumulation(synthetic_ro
     # QA-Net for BatchNorm over frames (per-process statistics on gloo), PIUnet for its head that the
     # warm-up loss leaves unused; 6 scenes, micro-batches of 2: one optimizer step per epoch
     for name, tiny in (("qanet", TINY_QANET), ("piunet", TINY_PIUNET)):
-        args = _common(synthetic_root, tmp_path) + tiny + ["--max_steps=3", "--batch_size=2"]
+        args = common_args(synthetic_root, tmp_path) + tiny + ["--max_steps=3", "--batch_size=2"]
         ddp, single = tmp_path / f"{name}-ddp", tmp_path / f"{name}-single"
         _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               str(ROOT / "train.py")] + args + [f"--out_dir={ddp}"])

@@ -29,10 +29,9 @@ import pytest
 import predict
 import train
 import valid
-from conftest import ROOT
+from conftest import ROOT, TINY_QANET, assert_same_state, common_args
 from data import CacheWarning, DatasetOptions, ProbaVDataset, load_scene_cached, split_scenes
 from engine.checkpoint import load_checkpoint
-from test_scripts import TINY_QANET, _assert_same_state, _common
 from utils.files import FolderInUse, WriteError, folder_lock
 
 TEMPORARY = re.compile(r"^\..*\.tmp\.")  # the temporary files of utils.files.atomic_path
@@ -199,7 +198,7 @@ def test_valid_heals_a_cut_cache_and_a_killed_cache_write_and_scores_the_same(sy
 
 def _args(root: Path, tmp: Path) -> list[str]:
     # 3 training steps per epoch, validation after every epoch
-    return _common(root, tmp) + TINY_QANET + ["--val_selection=clearest"]  # a fast validation
+    return common_args(root, tmp) + TINY_QANET + ["--val_selection=clearest"]  # a fast validation
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +220,7 @@ def _started(runs: dict, tmp: Path) -> tuple[Path, bytes]:
 
 def _continue_and_compare(runs: dict, run: Path) -> None:
     train.main(runs["args"] + [f"--out_dir={run}", "--resume", "--epochs=2"])
-    _assert_same_state(runs["reference"], run / "checkpoints" / "last.pt")
+    assert_same_state(runs["reference"], run / "checkpoints" / "last.pt")
     assert not _temporaries(run, run / "checkpoints", run / "images")
 
 
@@ -399,7 +398,8 @@ def test_the_scripts_on_a_small_filesystem_that_fills_up(synthetic_root, tmp_pat
         d.mkdir()
     baseline = ["--model=baseline", f"--data_dir={synthetic_root}", "--device=cpu"]
     # 3 steps an epoch, no validation but at the end; the JSON of model_args without spaces for the shell
-    targs = _common(synthetic_root, tmp_path / "t") + [a.replace(" ", "") for a in TINY_QANET] + ["--val_every=100000"]
+    targs = (common_args(synthetic_root, tmp_path / "t") + [a.replace(" ", "") for a in TINY_QANET]
+             + ["--val_every=100000"])
     assert not any(" " in a for a in baseline + targs)
     env = dict(os.environ, ROOT=str(ROOT), PY=sys.executable, OUT=str(out), CACHE=str(cache), DISK=str(disk),
                TINY=str(tiny), SAVE=_SAVE, BASELINE=" ".join(baseline), TRAIN=" ".join(targs + ["--epochs=100000"]))
@@ -438,4 +438,4 @@ def test_the_scripts_on_a_small_filesystem_that_fills_up(synthetic_root, tmp_pat
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == epoch
     train.main(targs + [f"--out_dir={run}", "--resume", f"--epochs={epoch + 1}"])
     full = train.main(targs + [f"--out_dir={tmp_path / 'full'}", f"--epochs={epoch + 1}"])
-    _assert_same_state(full / "checkpoints" / "last.pt", run / "checkpoints" / "last.pt")
+    assert_same_state(full / "checkpoints" / "last.pt", run / "checkpoints" / "last.pt")

@@ -19,11 +19,11 @@ import predict
 import train
 import valid
 from config import PRESETS, Config, ConfigError, parse_args
+from conftest import TINY_PIUNET, TINY_QANET, common_args
 from engine.checkpoint import load_checkpoint
 from engine.keeper import CheckpointKeeper
 from engine.trainer import Trainer
 from models import TRAINABLE, build_model, model_kwargs, request_channels_last
-from test_scripts import TINY_PIUNET, TINY_QANET, _common
 from utils.runtime import Dist, atomic_torch_save, open_device
 
 # small configurations of every trainable model, with BatchNorms where the model has them
@@ -31,7 +31,8 @@ SMALL = {"qanet": dict(n_modules=1, n_resblocks=1, n_feats=8, reduction=4, n_fra
          "piunet": dict(n_feats=8, r_bneck=4, n_tefa=1),
          "highresnet": dict(n_feats=8, deconv_channels=8),
          "misrgru": dict(n_feats=8, gru_channels=(8,), gru_kernel_sizes=(3,), deconv_channels=8),
-         "trmisr": dict(n_feats=8, depth=1, n_heads=2, mlp_dim=8, dropout=0.0)}
+         "trmisr": dict(n_feats=8, depth=1, n_heads=2, mlp_dim=8, dropout=0.0),
+         "wdsr3d": dict(n_feats=8, n_resblocks=1, expansion=2, n_frames=7)}
 
 
 def _small(name: str) -> nn.Module:
@@ -313,7 +314,7 @@ def test_opening_a_cuda_device_makes_it_current(monkeypatch):
 def gpu_checkpoint(synthetic_root, tmp_path_factory):
     """A tiny PIUnet run whose checkpoints say they were trained on a GPU with fp16 and CUDA graphs."""
     tmp = tmp_path_factory.mktemp("gpu_ckpt")
-    run = train.main(_common(synthetic_root, tmp) + TINY_PIUNET + [f"--out_dir={tmp / 'r'}", "--max_steps=2"])
+    run = train.main(common_args(synthetic_root, tmp) + TINY_PIUNET + [f"--out_dir={tmp / 'r'}", "--max_steps=2"])
     for name in ("last.pt", "best.pt"):
         path = run / "checkpoints" / name
         ckpt = load_checkpoint(path)
@@ -336,7 +337,7 @@ def test_gpu_checkpoint_scores_and_predicts_on_a_cpu(gpu_checkpoint, tmp_path, c
 def test_resume_across_precisions(synthetic_root, tmp_path):
     """A run saved without fp16 (an empty gradient-scaler state) resumes with bf16, and back."""
     run = tmp_path / "r"
-    args = _common(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={run}"]
+    args = common_args(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={run}"]
     train.main(args + ["--max_steps=1"])
     train.main(args + ["--resume", "--amp=bf16", "--max_steps=2"])
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2

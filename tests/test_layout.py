@@ -110,3 +110,49 @@ def test_only_config_reads_the_command_line():
                     for c in [node.left, *node.comparators]):
                 found.append(f"{rel}:{node.lineno} compares with an '--option' string")
     assert not found, "command-line parsing outside config.py: " + "; ".join(found)
+
+
+# The stack, bottom up: utils -> models -> data, config -> engine -> scripts. Each package may import
+# only the packages listed for it (and itself); an arrow back up would tie a lower layer to a higher.
+LAYERS = {"utils": set(), "models": {"utils"}, "data": {"utils", "models"}, "config": {"utils", "models", "data"},
+          "engine": {"utils", "models", "data", "config"}}
+PROJECT = set(LAYERS) | set(SCRIPTS) | {"benchmarks"}
+MAX_FILE_LINES = 450
+
+
+def _project_imports(tree: ast.AST):
+    """``(line, top-level project package)`` of every absolute import of a module."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in PROJECT:
+                yield node.lineno, name.split(".")[0]
+
+
+def test_each_layer_imports_only_the_layers_below():
+    found = []
+    for rel, tree in _sources():
+        layer = rel.parts[0].removesuffix(".py")
+        if layer not in LAYERS:
+            continue
+        for line, imported in _project_imports(tree):
+            if imported != layer and imported not in LAYERS[layer]:
+                found.append(f"{rel}:{line} ({layer}) imports {imported}")
+    assert not found, "imports that run back up the stack: " + "; ".join(found)
+
+
+def test_layer_rule_catches_an_arrow_back_up():
+    """The rule above can fail: utils importing engine is reported."""
+    tree = ast.parse("import torch\nfrom engine.trainer import Trainer\nfrom .files import atomic_path\n")
+    assert [imp for imp in _project_imports(tree) if imp[1] not in LAYERS["utils"] | {"utils"}] == [(2, "engine")]
+
+
+def test_no_file_outside_tests_is_longer_than_the_limit():
+    long = [f"{rel} ({n} lines)" for rel, _ in _sources()
+            if (n := len((ROOT / rel).read_text().splitlines())) > MAX_FILE_LINES]
+    assert not long, f"files over {MAX_FILE_LINES} lines, to split by job: " + "; ".join(long)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import train
+from conftest import TINY_QANET, common_args
 from engine.checkpoint import load_checkpoint
 from engine.trainer import SuperResolveForward
-from test_scripts import TINY_QANET, _common
 from utils.runtime import atomic_torch_save, autocast, make_scaler
 
 
@@ -39,7 +39,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_bf16_training_runs_on_cpu(synthetic_root, tmp_path):
-    run = train.main(_common(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={tmp_path / 'r'}",
+    run = train.main(common_args(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={tmp_path / 'r'}",
                                                                         "--max_steps=2", "--amp=bf16"])
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -65,7 +65,7 @@ def test_compiled_model_matches_eager_and_trains(synthetic_root, tmp_path):
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
     for k, g in grads[0][1].items():
         torch.testing.assert_close(grads[1][1][k], g, rtol=1e-3, atol=1e-5, msg=k)
-    run = train.main(_common(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={tmp_path / 'c'}",
+    run = train.main(common_args(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={tmp_path / 'c'}",
                                                                         "--max_steps=1", "--compile"])
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 1
 

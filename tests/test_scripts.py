@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,51 +20,21 @@ import predict
 import train
 import valid
 from config import ConfigError
-from conftest import ROOT, shared_path
+from conftest import ROOT, TINY_PIUNET, TINY_QANET, assert_same_state, common_args, shared_path, weights
 from data import DatasetNotFoundError, read_png
 from engine.checkpoint import load_checkpoint
-
-TINY_QANET = ["--model=qanet", '--model_args={"n_modules": 1, "n_resblocks": 1, "n_feats": 8, "reduction": 4}',
-              "--loss=cpsnr"]
-TINY_PIUNET = ["--model=piunet", '--model_args={"n_feats": 8, "n_tefa": 1, "r_bneck": 4}',
-               "--loss=l1u_reg", "--warmup_loss=l1_reg", "--warmup_epochs=1", "--train_selection=clearest",
-               "--val_selection=clearest"]
-
-
-def _common(root: Path, tmp: Path) -> list[str]:
-    return [f"--data_dir={root}", f"--cache_dir={tmp / 'cache'}", "--device=cpu", "--batch_size=2",
-            "--patch_size=16", "--num_workers=0", "--val_scenes=1", "--n_images=1", "--val_every=1",
-            "--epochs=4", "--lr=1e-3", "--lr_milestones=1", "--lr_gamma=0.5",
-            "--patches=random"]  # one crop per scene, as these tests count steps (windows: test_presets.py)
-
-
-def _weights(path: Path) -> dict:
-    return load_checkpoint(path)["model"]
-
-
-def _assert_same_state(a: Path, b: Path) -> None:
-    ca, cb = load_checkpoint(a), load_checkpoint(b)
-    assert (ca["epoch"], ca["step"], ca["step_in_epoch"]) == (cb["epoch"], cb["step"], cb["step_in_epoch"])
-    for k, v in ca["model"].items():
-        torch.testing.assert_close(v, cb["model"][k], rtol=0, atol=1e-6, msg=k)
-    pairs = zip(ca["optimizer"]["state"].items(), cb["optimizer"]["state"].items(), strict=True)
-    for (ka, va), (kb, vb) in pairs:
-        assert ka == kb
-        for name in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(va[name], vb[name], rtol=0, atol=1e-6)
-    assert ca["scheduler"]["last_epoch"] == cb["scheduler"]["last_epoch"]
 
 
 @pytest.mark.parametrize("tiny", [TINY_QANET, TINY_PIUNET], ids=["qanet", "piunet"])
 def test_resumed_run_equals_an_uninterrupted_one(synthetic_root, tmp_path, tiny):
-    args = _common(synthetic_root, tmp_path) + tiny
+    args = common_args(synthetic_root, tmp_path) + tiny
     # 6 train scenes, batch 2: 3 steps per epoch. Stop mid-epoch 1 and after the epoch-2 boundary.
     full = train.main(args + [f"--out_dir={tmp_path / 'full'}", "--max_steps=5"])
     part = tmp_path / "part"
     train.main(args + [f"--out_dir={part}", "--max_steps=2"])
     assert load_checkpoint(part / "checkpoints" / "last.pt")["step_in_epoch"] == 2
     train.main(args + [f"--out_dir={part}", "--resume", "--max_steps=5"])
-    _assert_same_state(full / "checkpoints" / "last.pt", part / "checkpoints" / "last.pt")
+    assert_same_state(full / "checkpoints" / "last.pt", part / "checkpoints" / "last.pt")
     # the run folder holds everything it promises
     cfg = json.loads((full / "config.json").read_text())
     assert cfg["max_steps"] == 5 and cfg["model"] == tiny[0].split("=")[1]
@@ -79,7 +48,7 @@ def test_resumed_run_equals_an_uninterrupted_one(synthetic_root, tmp_path, tiny)
 
 
 def test_a_finished_run_is_not_overwritten_and_resume_needs_a_run(synthetic_root, tmp_path):
-    args = _common(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={tmp_path / 'r'}", "--max_steps=1"]
+    args = common_args(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={tmp_path / 'r'}", "--max_steps=1"]
     train.main(args)
     with pytest.raises(ConfigError, match="--resume"):
         train.main(args)
@@ -89,9 +58,9 @@ def test_a_finished_run_is_not_overwritten_and_resume_needs_a_run(synthetic_root
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path, monkeypatch):
     run = tmp_path / "r"
-    args = _common(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={run}"]
+    args = common_args(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={run}"]
     train.main(args + ["--max_steps=1"])
-    before = _weights(run / "checkpoints" / "last.pt")
+    before = weights(run / "checkpoints" / "last.pt")
 
     def nan_loss(name, out, hr, hr_mask):
         return out["sr"].sum() * float("nan")
@@ -99,7 +68,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(synthetic_roo
     monkeypatch.setattr(engine.trainer, "compute_loss", nan_loss)
     with pytest.raises(train.TrainingDiverged, match="loss is nan.*last good checkpoint"):
         train.main(args + ["--resume", "--max_steps=3"])
-    after = _weights(run / "checkpoints" / "last.pt")
+    after = weights(run / "checkpoints" / "last.pt")
     for k in before:
         assert torch.equal(before[k], after[k])
 
@@ -110,7 +79,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
 
 
 def test_valid_and_predict_from_a_checkpoint(synthetic_root, tmp_path, capsys):
-    run = train.main(_common(synthetic_root, tmp_path) + TINY_PIUNET + [f"--out_dir={tmp_path / 'r'}",
+    run = train.main(common_args(synthetic_root, tmp_path) + TINY_PIUNET + [f"--out_dir={tmp_path / 'r'}",
                                                                          "--max_steps=2"])
     ckpt = run / "checkpoints" / "last.pt"
     # valid.py takes the data directory from the checkpoint
@@ -235,7 +204,7 @@ def test_self_ensemble_rolls_frames_only_for_models_trained_on_shuffled_frames()
 
 def test_ctrl_c_saves_last_checkpoint(synthetic_root, tmp_path):
     run = tmp_path / "r"
-    cmd = [sys.executable, str(ROOT / "train.py")] + _common(synthetic_root, tmp_path) + TINY_QANET + [
+    cmd = [sys.executable, str(ROOT / "train.py")] + common_args(synthetic_root, tmp_path) + TINY_QANET + [
         f"--out_dir={run}", "--epochs=100000", "--val_every=100000"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -265,7 +234,7 @@ def test_cycle_on_real_scenes(tmp_path):
             for scene in sorted((src / split / band).iterdir())[:n]:
                 os.symlink(scene, root / split / band / scene.name)
     os.symlink(src / "norm.csv", root / "norm.csv")
-    args = _common(root, tmp_path) + TINY_QANET + [f"--out_dir={tmp_path / 'r'}"]
+    args = common_args(root, tmp_path) + TINY_QANET + [f"--out_dir={tmp_path / 'r'}"]
     train.main(args + ["--max_steps=1"])
     run = train.main(args + ["--resume", "--max_steps=2"])
     ckpt = run / "checkpoints" / "last.pt"
@@ -281,8 +250,8 @@ QUALITY = ["--augment", "--ema=0.9", "--holdout_fraction=0.25",
            '--model_args={"n_feats": 8, "n_tefa": 1, "r_bneck": 4, "skip": "baseline"}']
 
 
-def test_resume_is_exact_with_ema_augmentation_and_a_selection_split(synthetic_root, tmp_path, monkeypatch):
-    args = _common(synthetic_root, tmp_path) + TINY_PIUNET + QUALITY
+def test_resume_is_exact_with_ema_augmentation_and_a_holdout_split(synthetic_root, tmp_path, monkeypatch):
+    args = common_args(synthetic_root, tmp_path) + TINY_PIUNET + QUALITY
     chooser = []
     real = engine.trainer.validate
     monkeypatch.setattr(engine.trainer, "validate",
@@ -293,7 +262,7 @@ def test_resume_is_exact_with_ema_augmentation_and_a_selection_split(synthetic_r
     part = tmp_path / "part"
     train.main(args + [f"--out_dir={part}", "--max_steps=3"])
     train.main(args + [f"--out_dir={part}", "--resume", "--max_steps=5"])
-    _assert_same_state(full / "checkpoints" / "last.pt", part / "checkpoints" / "last.pt")
+    assert_same_state(full / "checkpoints" / "last.pt", part / "checkpoints" / "last.pt")
     a, b = load_checkpoint(full / "checkpoints" / "last.pt"), load_checkpoint(part / "checkpoints" / "last.pt")
     assert a["ema_updates"] == b["ema_updates"] == 5
     for k, v in a["raw_model"].items():
@@ -306,7 +275,7 @@ def test_resume_is_exact_with_ema_augmentation_and_a_selection_split(synthetic_r
 
 
 def test_max_minutes_stops_training_then_validates_and_saves(synthetic_root, tmp_path):
-    run = train.main(_common(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={tmp_path / 'r'}",
+    run = train.main(common_args(synthetic_root, tmp_path) + TINY_QANET + [f"--out_dir={tmp_path / 'r'}",
                                                                        "--max_minutes=0.0001"])
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]) == (0, 1, 1)  # stopped after its first step

@@ -1,4 +1,5 @@
-"""The authors' evaluation-time view recipes (data.views): TR-MISR's fixture, tie orders, padding."""
+"""The authors' evaluation-time view recipes (data.views): TR-MISR's and 3DWDSRNet's fixtures, tie orders,
+padding."""
 from __future__ import annotations
 
 import heapq
@@ -11,13 +12,16 @@ from scipy import ndimage
 from conftest import shared_path
 from data.views import (
     TRMISR_MAX,
+    assemble_views,
     highresnet_views,
     order_by_clearance,
     pad_views,
     register_to_first,
+    shift_reflect,
     shift_zero_fill,
     trmisr_postprocess,
     trmisr_views,
+    wdsr3d_views,
 )
 
 
@@ -158,3 +162,49 @@ def test_register_to_first_recovers_a_known_shift():
     np.testing.assert_array_equal(lr_reg[1, :-1], lr[0, :-1])
     assert not lr_reg[1, -1].any() and not qm_reg[1, -1].any() and qm_reg[1, :-1].all()
     np.testing.assert_array_equal(lr_reg[0], lr[0])
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (1, 0), (0, -1), (2, -3), (-5, 4)])
+def test_shift_reflect_is_scipys_reflect_for_integer_shifts(shift):
+    """3DWDSRNet moves its frames with ``ndimage.shift(mode='reflect')``: the edge mirrored in."""
+    img = np.random.default_rng(0).integers(0, 16000, (2, 9, 11)).astype(np.float64)
+    expected = np.stack([ndimage.shift(f, shift, mode="reflect") for f in img])
+    np.testing.assert_allclose(shift_reflect(img, shift), expected, atol=1e-9)
+    lr, qm = img.astype(np.uint16), np.ones(img.shape, bool)
+    v = assemble_views(lr, qm, [1], [shift], 1, fill="reflect")
+    np.testing.assert_allclose(v.lrs[0] * 65535.0, np.round(expected[1]), atol=1e-3)
+    assert v.qms[0].sum() == (9 - abs(shift[0])) * (11 - abs(shift[1]))  # the mask moves in zeros
+
+
+def test_wdsr3d_recipe_is_the_authors(probav_root):
+    """Frames chosen, every frame's registration shift and the registered frames fed, as the author's
+    preprocessing gave them (../shared/fixtures/wdsr3d_reference.pt)."""
+    from data.io import read_scene
+    ref = torch.load(shared_path("fixtures", "wdsr3d_reference.pt"), weights_only=True)
+    for case in ref["cases"]:
+        scene = read_scene(probav_root / "val" / case["band"] / case["scene"])
+        v = wdsr3d_views(scene["lr"], scene["qm"], 7)
+        assert v.frames.tolist() == list(case["frames"]) and v.alphas.tolist() == [1.0] * 7
+        shifts = np.asarray(case["shifts"], np.int64)
+        np.testing.assert_array_equal(v.shifts, shifts[v.frames])
+        np.testing.assert_array_equal(v.lrs * 65535.0, case["lrs"].numpy())
+
+
+def test_wdsr3d_recipe_drops_dirty_frames_as_the_author_does():
+    """More than 15% masked: dropped, except frame 0 alone (the author tests np.any of the indices);
+    every frame dirty: all kept (the author skips the scene); fewer than 7: seeded random repeats."""
+    rng = np.random.default_rng(1)
+    base = ndimage.gaussian_filter(rng.normal(5000, 2000, (32, 32)), 2)  # one smooth scene: no shift found
+    lr = (base + rng.normal(0, 5, (4, 32, 32))).astype(np.uint16)
+
+    def chosen(dirty: list[int]) -> list[int]:
+        qm = np.ones(lr.shape, bool)
+        for i in dirty:
+            qm[i, :8 + i] = False  # more masked for a later frame: a distinct order
+        return wdsr3d_views(lr, qm, 7).frames.tolist()
+
+    assert chosen([]) == [0, 1, 2, 3] + chosen([])[4:] and len(chosen([])) == 7
+    assert set(chosen([2])) == {0, 1, 3} and set(chosen([0])) == {0, 1, 2, 3}
+    assert set(chosen([0, 2])) == {1, 3}
+    assert chosen([0, 1, 2, 3])[:4] == [0, 1, 2, 3]  # all dirty: the least masked first
+    assert chosen([2]) == chosen([2])  # the repeats are seeded: the same every time

@@ -1,4 +1,4 @@
-"""HighRes-net, MISR-GRU and TR-MISR through the scripts: train, resume, validate, predict, released weights.
+"""The zoo through the scripts: train, resume, validate, predict, released weights.
 
 TR-MISR's own inference (../shared/fixtures/trmisr_pipeline.pt) must come out of valid.py unchanged;
 bare state dicts in the authors' layouts load directly; weights that fit no layout are refused with
@@ -19,20 +19,22 @@ import torch
 import predict
 import train
 import valid
-from conftest import shared_path
+from conftest import assert_same_state, common_args, shared_path
 from engine.checkpoint import CheckpointError, load_checkpoint
-from test_scripts import _assert_same_state, _common
 
 TINY = {"highresnet": {"n_feats": 8, "n_resblocks": 1, "deconv_channels": 4},
         "misrgru": {"n_feats": 8, "n_resblocks": 1, "gru_channels": [8], "gru_kernel_sizes": [3], "deconv_channels": 4},
-        "trmisr": {"n_feats": 8, "n_resblocks": 1, "depth": 1, "n_heads": 2, "mlp_dim": 8}}
+        "trmisr": {"n_feats": 8, "n_resblocks": 1, "depth": 1, "n_heads": 2, "mlp_dim": 8},
+        "wdsr3d": {"n_feats": 8, "n_resblocks": 1, "expansion": 2}}
 NAMES = sorted(TINY)
 
 
 def _tiny(name: str) -> list[str]:
-    """The authors' preset with a tiny network; min_clear 0: synthetic patches are rarely 85% clear."""
+    """The authors' preset with a tiny network on both bands; min_clear and min_frame_clearance 0:
+    synthetic patches and frames are rarely 85% clear."""
     import json
-    return [f"--preset={name}", f"--model_args={json.dumps(TINY[name])}", "--min_clear=0"]
+    return [f"--preset={name}", f"--model_args={json.dumps(TINY[name])}", "--min_clear=0", "--min_frame_clearance=0",
+            "--band=all"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,7 +47,7 @@ def _one_thread():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_train_validate_and_submit(synthetic_root, tmp_path, name, capsys):
-    run = train.main(_common(synthetic_root, tmp_path) + _tiny(name) + [f"--out_dir={tmp_path / 'r'}",
+    run = train.main(common_args(synthetic_root, tmp_path) + _tiny(name) + [f"--out_dir={tmp_path / 'r'}",
                                                                       "--max_steps=2"])
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["model_name"] == name and ckpt["step"] == 2 and ckpt["model_kwargs"].items() >= TINY[name].items()
@@ -63,19 +65,19 @@ def test_train_validate_and_submit(synthetic_root, tmp_path, name, capsys):
 
 def test_plateau_schedule_and_padding_resume_exactly(synthetic_root, tmp_path):
     # HighRes-net's recipe: weighted views padded with zeros, ReduceLROnPlateau on each validation
-    args = _common(synthetic_root, tmp_path) + _tiny("highresnet") + ["--lr_patience=0", "--lr_gamma=0.5"]
+    args = common_args(synthetic_root, tmp_path) + _tiny("highresnet") + ["--lr_patience=0", "--lr_gamma=0.5"]
     full = train.main(args + [f"--out_dir={tmp_path / 'full'}", "--max_steps=8"])
     part = tmp_path / "part"
     train.main(args + [f"--out_dir={part}", "--max_steps=4"])
     train.main(args + [f"--out_dir={part}", "--resume", "--max_steps=8"])
-    _assert_same_state(full / "checkpoints" / "last.pt", part / "checkpoints" / "last.pt")
+    assert_same_state(full / "checkpoints" / "last.pt", part / "checkpoints" / "last.pt")
     a, b = load_checkpoint(full / "checkpoints" / "last.pt"), load_checkpoint(part / "checkpoints" / "last.pt")
     assert a["scheduler"] == b["scheduler"] and a["scheduler"]["patience"] == 0
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
 
 
 def test_trmisr_transformer_trains_at_half_rate(synthetic_root, tmp_path):
-    run = train.main(_common(synthetic_root, tmp_path) + _tiny("trmisr") + [f"--out_dir={tmp_path / 'r'}",
+    run = train.main(common_args(synthetic_root, tmp_path) + _tiny("trmisr") + [f"--out_dir={tmp_path / 'r'}",
                                                                           "--max_steps=1", "--lr=1e-3"])
     groups = load_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
     assert [g["lr"] for g in groups] == [1e-3, 5e-4]
@@ -175,3 +177,66 @@ def test_weights_that_fit_no_layout_are_refused_and_nothing_is_written(synthetic
     with pytest.raises(CheckpointError, match=r"ours\.pt: holds a highresnet, not a trmisr"):
         valid.main(["--model=trmisr", f"--checkpoint={tmp_path / 'ours.pt'}"] + common)
     assert not (tmp_path / "out").exists()
+
+
+def _fixture_scenes(tmp: Path, cases: list[dict]) -> Path:
+    """A root holding the reference's scenes (one per band) as val and as test scenes, and norm.csv."""
+    src, root = shared_path("probav"), tmp / "root"
+    for case in cases:
+        for split in ("val", "test"):
+            (root / split / case["band"]).mkdir(parents=True, exist_ok=True)
+            os.symlink(src / "val" / case["band"] / case["scene"], root / split / case["band"] / case["scene"])
+    os.symlink(src / "norm.csv", root / "norm.csv")
+    return root
+
+
+def test_wdsr3d_released_weights_give_the_authors_sr(tmp_path):
+    """3DWDSRNet's released TensorFlow checkpoints (as released: the folder, or a ckpt-N.index) through
+    valid.py and predict.py give the author's SR (../shared/fixtures/wdsr3d_reference.pt: their code
+    run unchanged) to the last DN and its cPSNR."""
+    from data import read_png
+    from utils.metrics import cpsnr
+    ref = torch.load(shared_path("fixtures", "wdsr3d_reference.pt"), weights_only=True)
+    cases = [next(c for c in ref["cases"] if c["band"] == band) for band in ("NIR", "RED")]
+    root = _fixture_scenes(tmp_path, cases)
+    folders = {b: shared_path("weights", "wdsr3d", f"wdsr-32-8-6-7-{b.lower()}-all") for b in ("NIR", "RED")}
+    index = next(folders["RED"].glob("ckpt-*.index"))
+    common = [f"--data_dir={root}", f"--cache_dir={tmp_path / 'cache'}", "--model=wdsr3d", "--device=cpu"]
+    for case, ckpt in zip(cases, (folders["NIR"], index), strict=True):
+        out = tmp_path / f"v-{case['band']}"
+        valid.main(common + [f"--checkpoint={ckpt}", f"--band={case['band']}", f"--out_dir={out}", "--save_png"])
+        ours = read_png(out / "sr" / case["band"] / f"{case['scene']}.png", "image").astype(np.int64)
+        author = case["sr"].numpy().astype(np.int64)
+        # float32 rounding before the final rounding: a few pixels that sit on .5 DN round the other way
+        assert np.abs(ours - author).max() <= 1 and (ours != author).mean() < 1e-3
+        hr = torch.from_numpy(read_png(root / "val" / case["band"] / case["scene"] / "HR.png", "image") / 65535.0)
+        sm = torch.from_numpy(read_png(root / "val" / case["band"] / case["scene"] / "SM.png", "mask"))
+        expected = float(cpsnr(torch.from_numpy(author / 65535.0)[None], hr[None], sm[None]))
+        with open(out / "per_scene.csv") as f:
+            row = next(csv.DictReader(f))
+        assert abs(float(row["cpsnr"]) - expected) < 1e-3
+    zpath = predict.main(common + [f"--checkpoint_nir={folders['NIR']}", f"--checkpoint_red={folders['RED']}",
+                                   f"--out_dir={tmp_path / 'p'}"])
+    with zipfile.ZipFile(zpath) as z:
+        for case in cases:
+            with z.open(f"{case['scene']}.png") as f:
+                from PIL import Image
+                img = np.array(Image.open(f)).astype(np.int64)
+            assert np.abs(img - case["sr"].numpy().astype(np.int64)).max() <= 1
+
+
+def test_wdsr3d_checkpoint_folder_needs_its_model_and_damage_is_named(tmp_path):
+    folder = shared_path("weights", "wdsr3d", "wdsr-32-8-6-7-nir-all")
+    args = [f"--data_dir={shared_path('probav')}", f"--out_dir={tmp_path / 'v'}", "--device=cpu"]
+    with pytest.raises(CheckpointError, match="--model=wdsr3d"):
+        valid.main(args + [f"--checkpoint={folder}"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in folder.iterdir():
+        data = f.read_bytes()
+        if ".data-00001" in f.name:
+            data = data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:]
+        (broken / f.name).write_bytes(data)
+    with pytest.raises(CheckpointError, match=f"{broken}.*cannot read wdsr3d"):
+        valid.main(args + [f"--checkpoint={broken}", "--model=wdsr3d"])
+    assert not (tmp_path / "v").exists()

@@ -208,18 +208,19 @@ def _table_entries(data: bytes) -> Iterator[tuple[bytes, memoryview]]:
 def _parse_entry(name: str, buf: memoryview) -> TensorEntry:
     """A ``BundleEntryProto``: dtype=1, shape=2 (TensorShapeProto: dim=2 {size=1}), shard_id=3,
     offset=4, size=5, crc32c=6 (fixed32), slices=7."""
-    f = {"dtype": 0, "shard": 0, "offset": 0, "size": 0, "crc32c": 0}
+    scalars = {1: "dtype", 3: "shard", 4: "offset", 5: "size", 6: "crc32c"}
+    f = dict.fromkeys(scalars.values(), 0)  # proto3 defaults: an absent field is 0
     shape, sliced = [], False
     for number, value in _fields(buf):
-        if number == 2:
+        if number in scalars:
+            f[scalars[number]] = value
+        elif number == 2:
             for n, dim in _fields(value):
                 if n == 2:  # a Dim: size=1 (int64), name=2
                     size = next((v for k, v in _fields(dim) if k == 1), 0)
                     shape.append(size - (1 << 64) if size >= 1 << 63 else size)  # -1 would be unknown
         elif number == 7:
             sliced = True
-        elif 1 <= number <= 6:
-            f[("dtype", None, "shard", "offset", "size", "crc32c")[number - 1]] = value
     return TensorEntry(name, f["dtype"], tuple(shape), f["shard"], f["offset"], f["size"], f["crc32c"], sliced)
 
 
@@ -314,7 +315,7 @@ def read_tf_checkpoint(path: str | Path, names: Iterable[str] | None = None) -> 
     Args:
         path: a checkpoint folder (the latest checkpoint its ``checkpoint`` file names), a
             ``ckpt-N.index`` file, or the ``ckpt-N`` prefix.
-        names: the tensors to read (bundle keys, see :func:`list_tf_checkpoint`); None reads every
+        names: the tensors to read (bundle keys, see :func:`list_tf_checkpoint`; one name or several); None reads every
             tensor of a decodable dtype (strings, such as the object graph, and partitioned variables
             are skipped).
 
@@ -328,6 +329,8 @@ def read_tf_checkpoint(path: str | Path, names: Iterable[str] | None = None) -> 
             checksum, or a tensor asked for by name whose dtype or slicing this reader does not support.
     """
     prefix, header, entries = read_index(path)
+    if isinstance(names, str):  # one name, not its characters
+        names = [names]
     if names is None:
         wanted = [e for e in entries.values() if e.readable]
     else:
