@@ -143,21 +143,24 @@ def _train_step_fn(model, name: str, batch: int, frames: int, patch: int, device
                    graphs: bool = False):
     """One training step as train.py runs it (the authors' code: with the plain Adam it ships with)."""
     from models import spec_of
-    from utils.runtime import cuda_graphed, make_optimizer
+    from utils.runtime import AMP_DTYPES, cuda_graphed, make_optimizer
     spec = spec_of(name)
     lr = torch.rand(batch, frames, patch, patch, device=device)
     qm = (torch.rand(batch, frames, patch, patch, device=device) > 0.1).float()
     hr = torch.rand(batch, 1, 3 * patch, 3 * patch, device=device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4) if reference else make_optimizer(model.parameters(), 1e-4, 0.0,
                                                                                           device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    dtype = AMP_DTYPES[amp]
 
-    class Core(torch.nn.Module):  # the models' raw forward, as the authors' code calls it
+    class Core(torch.nn.Module):  # ours: super_resolve, as train.py calls it; the authors': their raw forward
         def __init__(self):
             super().__init__()
             self.net = model
 
         def forward(self, lr, qm):
+            if not reference:
+                out = self.net.super_resolve(lr, qm)
+                return (out["sr"], out["log_scale"]) if spec.uncertainty else out["sr"]
             return self.net(lr, qm) if spec.uses_masks else self.net(lr)
 
     core = Core()

@@ -13,14 +13,22 @@ it (:func:`hr_window`), so LR and HR stay aligned by the x3 scale. :data:`PATCHE
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 
 from .io import SCALE, DataError
 
-if TYPE_CHECKING:  # for annotations only: the dataset imports this module
-    from .dataset import DatasetOptions
+
+class PatchOptions(Protocol):
+    """The options the patch tables read (a :class:`data.DatasetOptions` has them; this module does not
+    import the dataset, which imports it)."""
+
+    patch_size: int | None
+    min_clear: float
+    window: int
+    window_stride: int
+    window_min_clear: float
 
 __all__ = ["Regions", "PATCHES", "hr_window", "random_corner", "crop", "random_crops", "grid_patches",
            "kept_windows"]
@@ -56,12 +64,12 @@ def random_corner(sm: np.ndarray | None, size: int, p: int, min_clear: float, rn
     return int(y), int(x)
 
 
-def random_crops(scenes: list[dict], o: DatasetOptions, source: str) -> Regions | None:
+def random_crops(scenes: list[dict], o: PatchOptions, source: str) -> Regions | None:
     """No fixed regions: one random crop per scene and visit."""
     return None
 
 
-def grid_patches(scenes: list[dict], o: DatasetOptions, source: str) -> Regions:
+def grid_patches(scenes: list[dict], o: PatchOptions, source: str) -> Regions:
     """The non-overlapping LR patches of side ``o.patch_size`` with enough clear HR pixels
     (``o.min_clear``); ``source`` names the scenes in the error when there is none."""
     p, out = o.patch_size, []
@@ -78,7 +86,7 @@ def grid_patches(scenes: list[dict], o: DatasetOptions, source: str) -> Regions:
     return Regions(out, p)
 
 
-def kept_windows(scenes: list[dict], o: DatasetOptions, source: str) -> Regions:
+def kept_windows(scenes: list[dict], o: PatchOptions, source: str) -> Regions:
     """The LR windows of side ``o.window`` at stride ``o.window_stride`` whose mean quality (over all
     the scene's frames) is at least ``o.window_min_clear``."""
     w, st, out = o.window, o.window_stride, []
@@ -95,7 +103,7 @@ def kept_windows(scenes: list[dict], o: DatasetOptions, source: str) -> Regions:
 
 
 # the ``patches`` options: (scenes, options, a name for the scenes in errors) -> the regions, or None
-PATCHES: dict[str, Callable[[list[dict], DatasetOptions, str], Regions | None]] = {
+PATCHES: dict[str, Callable[[list[dict], PatchOptions, str], Regions | None]] = {
     "random": random_crops,
     "grid": grid_patches,
     "windows": kept_windows,
