@@ -38,20 +38,30 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Check", "Context", "checks", "network", "add_arguments", "main", "TINY", "FAST"]
+__all__ = ["Check", "Context", "checks", "network", "tiny", "add_arguments", "main", "FAST"]
 
 ROOT = Path(__file__).resolve().parents[1]  # the project folder: train.py, valid.py, predict.py, tests/
 
-# The networks of the authors' presets (model_args {}: their published size) cut to a few thousand
-# parameters: the check is of code paths (capture, precision, processes), not of speed or quality.
-# Presets that name a small network already (demo, cpu_real, cpu_real_qanet) keep their own.
-TINY = {"qanet": {"n_modules": 1, "n_resblocks": 1, "n_feats": 8, "reduction": 4},
-        "piunet": {"n_feats": 8, "n_tefa": 1, "r_bneck": 4},
-        "highresnet": {"n_feats": 8, "n_resblocks": 1, "deconv_channels": 4},
-        "misrgru": {"n_feats": 8, "n_resblocks": 1, "gru_channels": [8], "gru_kernel_sizes": [3],
-                    "deconv_channels": 4},
-        "trmisr": {"n_feats": 8, "n_resblocks": 1, "depth": 1, "n_heads": 2, "mlp_dim": 8},
-        "wdsr3d": {"n_feats": 8, "n_resblocks": 1, "expansion": 2}}
+
+def tiny(model: str) -> dict:
+    """The network of an authors' preset (model_args {}: their published size) cut to a few thousand
+    parameters (``ModelSpec.smoke_args``): the check is of code paths (capture, precision,
+    processes), not of speed or quality. Presets that name a small network already (demo, cpu_real,
+    cpu_real_qanet) keep their own."""
+    from models import spec_of
+    return dict(spec_of(model).smoke_args)
+
+
+def default_preset() -> str:
+    """The preset of ``Config()`` (the one whose recipe the defaults are), for the single-option checks."""
+    from config import Config
+    return Config().preset
+
+
+def authors_presets() -> list[str]:
+    """The presets of the authors' recipes (each trainable model's ``ModelSpec.preset``): torchrun runs each."""
+    from models import MODELS
+    return [spec.preset for spec in MODELS.values() if spec.trainable and spec.preset]
 
 # A few steps and one small validation: each path runs start to finish (train, validate, save) in
 # seconds. min_clear 0: synthetic patches are rarely as clear as the real recipes ask (TR-MISR keeps
@@ -128,7 +138,7 @@ def network(preset: str) -> tuple[str, dict]:
     the preset: a preset may leave out what the defaults say."""
     from config import parse_args
     cfg = parse_args([f"--preset={preset}"])
-    return cfg.model, cfg.model_args or TINY.get(cfg.model, {})
+    return cfg.model, cfg.model_args or tiny(cfg.model)
 
 
 def _model_args(preset: str) -> list[str]:
@@ -187,26 +197,26 @@ def checks() -> list[Check]:
                         f"--preset={p} --amp=bf16, on a GPU with --cuda_graphs=true (README's fastest)"),
                   Check(f"{p}-fp16", train(p, "--amp=fp16"), "cuda",
                         f"--preset={p} --amp=fp16: float16 with the gradient scaler")]
-    bf16_graphs = "qanet-bf16"  # the checkpoint valid.py and predict.py read: trained with graphs + bf16 on a GPU
+    first = default_preset()
+    bf16_graphs = f"{first}-bf16"  # the checkpoint valid.py and predict.py read: trained with graphs + bf16 on a GPU
     table += [
-        Check("ema", train("qanet", "--amp=bf16", "--ema=0.99", graphs=True), "any",
-              "QA-Net with a moving average of weights and BatchNorm statistics (--ema=0.99), graphs on a GPU"),
-        Check("compile", train("qanet", "--amp=bf16", "--compile=true"), "cuda",
-              "QA-Net under torch.compile (--compile=true, bf16): a minute or more of compilation", timeout=600),
-        # the trainer either sums micro-batches through the graph or refuses the pair in one line
-        Check("accum2-graphs", train("qanet", "--amp=bf16", "--accum_steps=2", graphs=True), "cuda",
+        Check("ema", train(first, "--amp=bf16", "--ema=0.99", graphs=True), "any",
+              f"{first} with a moving average of weights and BatchNorm statistics (--ema=0.99), graphs on a GPU"),
+        Check("compile", train(first, "--amp=bf16", "--compile=true"), "cuda",
+              f"{first} under torch.compile (--compile=true, bf16): a minute or more of compilation", timeout=600),
+        # the trainer sums micro-batches through the graph as eager autograd does
+        Check("accum2-graphs", train(first, "--amp=bf16", "--accum_steps=2", graphs=True), "cuda",
               "--accum_steps=2 with CUDA graphs: trains, or is refused with a one-line error", refusal="accum"),
         Check("valid-ensemble", evaluate("valid.py", bf16_graphs), "any",
               f"valid.py --ensemble on {bf16_graphs}'s checkpoint", after=bf16_graphs, expect=r"^Kelvin score: \d"),
         Check("predict-ensemble", evaluate("predict.py", bf16_graphs), "any",
               f"predict.py --ensemble on {bf16_graphs}'s checkpoint", after=bf16_graphs,
               expect=r"^wrote .*submission\.zip"),
-        Check("last-gpu", train("qanet", "--amp=bf16", graphs=True, last_gpu=True), "cuda2",
-              "QA-Net bf16 + graphs on the last GPU (--device=cuda:N)"),
-        Check("torchrun-qanet", torchrun("qanet", "--amp=bf16"), "cuda2",
-              "QA-Net, torchrun on 2 GPUs: DDP over NCCL, SyncBatchNorm", timeout=360),
-        Check("torchrun-piunet", torchrun("piunet", "--amp=bf16"), "cuda2",
-              "PIUnet, torchrun on 2 GPUs: DDP with its unused uncertainty head", timeout=360),
+        Check("last-gpu", train(first, "--amp=bf16", graphs=True, last_gpu=True), "cuda2",
+              f"{first} bf16 + graphs on the last GPU (--device=cuda:N)"),
+        *[Check(f"torchrun-{p}", torchrun(p, "--amp=bf16"), "cuda2",
+                f"--preset={p}, torchrun on 2 GPUs: DDP over NCCL, SyncBatchNorm, unused heads", timeout=360)
+          for p in authors_presets()],
         Check("pytest-cuda", pytest_cuda, "cuda", "python -m pytest -q tests/test_cuda.py",
               expect=r"\d+ passed", timeout=600),
     ]

@@ -82,6 +82,8 @@ class ModelSpec:
             parameter groups); the rest trains at the learning rate.
         read_released: ``f(path, **model kwargs) -> state dict`` reading the authors' released weights
             in a format of their own (not a torch file: e.g. a TensorFlow checkpoint folder), or None.
+        smoke_args: constructor arguments of a network of a few thousand parameters with every part
+            of the model's code path, for quick checks (``python bench.py gpu-check``).
     """
 
     cls: type[nn.Module]
@@ -103,6 +105,7 @@ class ModelSpec:
     postprocess: Callable | None = None
     lr_scale: dict = field(default_factory=dict)
     read_released: Callable[..., dict] | None = None
+    smoke_args: dict = field(default_factory=dict)
 
     @property
     def uncertainty(self) -> bool:
@@ -120,33 +123,39 @@ MODELS: dict[str, ModelSpec] = {
                        reference_names={"N_modules": "n_modules", "N_resblocks": "n_resblocks", "N_feats": "n_feats",
                                         "reduction": "reduction", "N_heads": "n_heads", "scale": "scale",
                                         "N_lrs": "n_frames", "rcab_bn": "rcab_bn"},
-                       preset="qanet", authors_network=qanet.authors_network),
+                       preset="qanet", authors_network=qanet.authors_network,
+                       smoke_args=dict(n_modules=1, n_resblocks=1, n_feats=8, reduction=4)),
     # the masks enter only through skip="baseline" (the ESA baseline of the input frames)
     "piunet": ModelSpec(PIUnet, "PIUnet", frame_order_contract="set", uses_masks=False,
                         reference_names={"N_feat": "n_feats", "R_bneck": "r_bneck", "N_tefa": "n_tefa",
                                          "N_heads": "n_heads"},
-                        preset="piunet", authors_network=piunet.authors_network),
+                        preset="piunet", authors_network=piunet.authors_network,
+                        smoke_args=dict(n_feats=8, n_tefa=1, r_bneck=4)),
     "baseline": ModelSpec(ESABaseline, "ESA baseline", trainable=False, frame_order_contract="set", all_frames=True),
     # HighRes-net and MISR-GRU: views sorted by clearance, zero views (alpha 0) up to 16 for scoring
     # (get_sr_and_score's min_L), the raw output clipped to [0,1]; no quality maps enter the networks
     "highresnet": ModelSpec(HighResNet, "HighRes-net", uses_masks=False,
                             reference_kwargs=highresnet.kwargs_from_reference, preset="highresnet", padding="zeros",
-                            frame_order_contract="sequence", views="sorted_padded", n_views=16),
+                            frame_order_contract="sequence", views="sorted_padded", n_views=16,
+                            smoke_args=dict(n_feats=8, n_resblocks=1, deconv_channels=4)),
     "misrgru": ModelSpec(MISRGRU, "MISR-GRU", uses_masks=False, reference_kwargs=misrgru.kwargs_from_reference,
                          convert_state=misrgru.convert_released_state, preset="misrgru", padding="zeros",
-                         frame_order_contract="sequence", views="sorted_padded", n_views=16),
+                         frame_order_contract="sequence", views="sorted_padded", n_views=16,
+                         smoke_args=dict(n_feats=8, n_resblocks=1, gru_channels=[8], gru_kernel_sizes=[3],
+                                         deconv_channels=4)),
     # TR-MISR: the 24 clearest views registered to the first, for scoring and (as patches) for training;
     # its output minus its minimum, clipped to 14 bits; the transformer trains at half the learning rate
     "trmisr": ModelSpec(TRMISR, "TR-MISR", uses_masks=False,
                         reference_kwargs=trmisr.kwargs_from_reference, preset="trmisr", padding="zeros",
                         frame_order_contract="sequence", views="registered_padded", n_views=24, train_views=True,
-                        postprocess=trmisr.postprocess, lr_scale={"superres": 0.5}),
+                        postprocess=trmisr.postprocess, lr_scale={"superres": 0.5},
+                        smoke_args=dict(n_feats=8, n_resblocks=1, depth=1, n_heads=2, mlp_dim=8)),
     # 3DWDSRNet: 7 frames registered to the clearest (moved with reflection), the least masked first,
     # repeated (not zero-padded) up to 7; its output clipped to [0, 65536] DN and rounded; its released
     # weights are TensorFlow checkpoints, read without TensorFlow
     "wdsr3d": ModelSpec(WDSR3D, "3DWDSRNet", frames_arg="n_frames", uses_masks=False, preset="wdsr3d",
                         views="registered_reflect", n_views=7, train_views=True, postprocess=wdsr3d.postprocess,
-                        read_released=wdsr3d.read_released),
+                        read_released=wdsr3d.read_released, smoke_args=dict(n_feats=8, n_resblocks=1, expansion=2)),
 }
 
 # the models built from their authors' configuration by from_reference (the ones with released weights)

@@ -67,20 +67,20 @@ def test_gpu_check_lists_a_path_per_preset_and_precision(capsys):
         assert listed[f"{preset}-fp32"] == listed[f"{preset}-bf16"] == "any" and listed[f"{preset}-fp16"] == "cuda"
     assert {listed[n] for n in ("ema", "valid-ensemble", "predict-ensemble")} == {"any"}
     assert {listed[n] for n in ("compile", "accum2-graphs", "pytest-cuda")} == {"cuda"}
-    assert {listed[n] for n in ("last-gpu", "torchrun-qanet", "torchrun-piunet")} == {"cuda2"}
+    assert {listed[n] for n in ("last-gpu", "torchrun-qanet", "torchrun-piunet", "torchrun-wdsr3d")} == {"cuda2"}
 
 
 def test_gpu_check_trains_every_preset_on_a_small_network():
-    """A preset of the authors' full-size network (model_args {}) needs an entry in gpu_check.TINY: a
-    full-size network would take the check past its minutes (and a CPU run past its hour)."""
+    """A preset of the authors' full-size network (model_args {}) needs its model's ModelSpec.smoke_args:
+    a full-size network would take the check past its minutes (and a CPU run past its hour)."""
     from benchmarks import gpu_check
     from config import PRESETS, parse_args
     full_size = [p for p in PRESETS if not gpu_check.network(p)[1]]
-    assert not full_size, f"add the model of preset(s) {full_size} to benchmarks/gpu_check.py TINY"
+    assert not full_size, f"give the model of preset(s) {full_size} its ModelSpec.smoke_args"
     for p in PRESETS:  # the recipe's own small network is kept as it is
         own = parse_args([f"--preset={p}"]).model_args
-        assert gpu_check.network(p)[1] == (own or gpu_check.TINY[parse_args([f"--preset={p}"]).model])
-    assert gpu_check.network("qanet") == ("qanet", gpu_check.TINY["qanet"])
+        assert gpu_check.network(p)[1] == (own or gpu_check.tiny(parse_args([f"--preset={p}"]).model))
+    assert gpu_check.network("qanet") == ("qanet", gpu_check.tiny("qanet"))
 
 
 def test_gpu_check_on_cpu_trains_then_validates_with_the_ensemble(synthetic_root, tmp_path, capsys):
