@@ -17,12 +17,11 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from config import CommandLine, Config, ConfigError, parse_command
+from config import CommandLine, ConfigError, parse_command
 from data import BANDS, DataError, build_dataset
-from engine.checkpoint import CheckpointError, load_for_eval
+from engine.checkpoint import CheckpointError, EvalSetup, load_for_eval
 from engine.evaluate import iterate, to_uint16
 from models import spec_of
 from utils.files import WriteError, atomic_path, sweep_temporaries
@@ -47,8 +46,8 @@ def verify_zip(path: Path, expected: dict[str, tuple[int, int]]) -> None:
                 raise RuntimeError(f"{path}:{name} is {arr.dtype} {arr.shape}, expected uint16 {shape}")
 
 
-def band_setups(command: CommandLine) -> dict[str, tuple[Config, torch.nn.Module, Path]]:
-    """``{band: (config, model, output folder)}``: one shared checkpoint (or a model without
+def band_setups(command: CommandLine) -> dict[str, EvalSetup]:
+    """``{band: (config, model, output folder, untrained-scale warning)}``: one shared checkpoint (or a model without
     weights), or one checkpoint per band (``--checkpoint_nir`` / ``--checkpoint_red``)."""
     cfg = command.config
     per_band = {"NIR": cfg.checkpoint_nir, "RED": cfg.checkpoint_red}
@@ -72,7 +71,9 @@ def write_zip(target: Path, setups: dict, bands: list[str], out: Path) -> dict[s
     with atomic_path(target) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:  # PNGs are compressed already
             for band in bands:
-                cfg, model, _ = setups[band]
+                cfg, model, _, scale_warning = setups[band]
+                if cfg.export_uncertainty and scale_warning:
+                    print(f"{band}: {scale_warning}", file=sys.stderr)
                 device = open_device(cfg.device)
                 model = model.to(device)
                 ds = build_dataset(cfg, "test", band)
@@ -94,7 +95,7 @@ def write_zip(target: Path, setups: dict, bands: list[str], out: Path) -> dict[s
 def main(argv: list[str] | None = None) -> Path:
     """Write the submission as the command line (``sys.argv[1:]`` when None) says; returns the zip."""
     setups = band_setups(parse_command(argv))
-    wanted = {b for cfg, _, _ in setups.values() for b in (BANDS if cfg.band == "all" else (cfg.band,))}
+    wanted = {b for cfg, *_ in setups.values() for b in (BANDS if cfg.band == "all" else (cfg.band,))}
     bands = [b for b in BANDS if b in setups and b in wanted]
     if not bands:
         raise ConfigError("no band left to predict: check --band against the checkpoints given")
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> Path:
     target = out / "submission.zip"
     for folder in (out, out / "uncertainty"):
         sweep_temporaries(folder)  # what a run killed while writing left
-    force = any(cfg.force for cfg, _, _ in setups.values())
+    force = any(cfg.force for cfg, *_ in setups.values())
     if target.exists() and not force:
         raise ConfigError(f"{target} exists; pass --force to replace it (or choose another --out_dir)")
     expected = write_zip(target, setups, bands, out)

@@ -22,7 +22,7 @@ from pathlib import Path
 from config import ConfigError, parse_command
 from data import BANDS, DataError, build_dataset, norm_of, write_png
 from engine.checkpoint import CheckpointError, load_for_eval
-from engine.evaluate import evaluate, summarize, to_uint16
+from engine.evaluate import describe_gain, evaluate, summarize, to_uint16
 from models import spec_of
 from utils.files import WriteError, atomic_path, atomic_write_text, sweep_temporaries
 from utils.runtime import open_device
@@ -46,7 +46,7 @@ def write_csv(path: Path, records: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Score as the command line (``sys.argv[1:]`` when None) says; returns the summary."""
     command = parse_command(argv)
-    cfg, model, out = load_for_eval(command, command.config.split)
+    cfg, model, out, scale_warning = load_for_eval(command, command.config.split)
     if cfg.split == "test":
         raise ConfigError("the test split has no HR images to score; use predict.py")
     device = open_device(cfg.device)
@@ -72,21 +72,24 @@ def main(argv: list[str] | None = None) -> dict:
     write_csv(out / "per_scene.csv", records)
     extra = {}
     if uncertainty is not None:
-        extra["uncertainty"] = uncertainty.to_dict()
+        extra["uncertainty"] = {**uncertainty.to_dict(), "trained": not scale_warning}
         with atomic_path(out / "reliability.png") as tmp:
             reliability_plot(uncertainty, tmp)
     atomic_write_text(out / "summary.json", json.dumps({**summary, **extra}, indent=2) + "\n")
     what = f"checkpoint {cfg.checkpoint}" if spec_of(model).trainable else spec_of(model).title
     print(f"{what} on {cfg.data_dir} ({cfg.split}{', self-ensemble' if cfg.ensemble else ''}):")
     for band, s in summary.items():
+        gain = f"  {describe_gain(s)}" if describe_gain(s) else ""
         print(f"  {band:>4}: cPSNR {s['cpsnr']:.4f} dB  cSSIM {s['cssim']:.5f}  score {s['score']:.5f}  "
-              f"({s['n']} scenes)")
+              f"({s['n']} scenes){gain}")
     if summary["all"]["skipped"]:
         print(f"  skipped (no clear HR pixel): {', '.join(summary['all']['skipped'])}")
     print(f"Kelvin score: {summary['all']['score']:.5f} (lower is better; the ESA baseline scores 1)\n"
           f"per-scene results: {out / 'per_scene.csv'}")
     if uncertainty is not None:
         print(f"\n{format_table(extra['uncertainty'])}\nreliability plot: {out / 'reliability.png'}")
+        if scale_warning:  # last, where the figures it qualifies are read
+            print(scale_warning, file=sys.stderr)
     return summary
 
 

@@ -6,7 +6,8 @@ A checkpoint is a dict::
      "optimizer": ..., "scheduler": ..., "scaler": ..., "epoch": completed epochs,
      "step": optimizer steps, "step_in_epoch": steps done in the current epoch,
      "best_score": the best rank_value so far (engine.keeper.rank_value, lower is better) or None,
-     "config": the resolved Config as a dict, "rng": RNG states}
+     "config": the resolved Config as a dict, "rng": RNG states,
+     "uncertainty_trained": whether a loss of the run read the model's uncertainty output}
 
 It is written atomically, holds only tensors and plain Python values (lists, dicts, strings,
 numbers, None), and is read with ``torch.load(..., weights_only=True)``: a checkpoint is a pickle,
@@ -26,6 +27,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,12 +35,13 @@ import torch.nn as nn
 
 from config import CommandLine, Config, ConfigError
 from models import MODELS, TRAINABLE, build_model, check_frames, model_kwargs, name_of, released_state, spec_of
+from utils.losses import LOSSES
 from utils.runtime import atomic_torch_save, check_amp, resolve_device
 
 from .layout import RunFolder
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "load_for_eval",
-           "unwrap"]
+           "EvalSetup", "unwrap", "uncertainty_trained", "losses_train_uncertainty", "untrained_scale_warning"]
 
 FORMAT = 2  # 2: RNG states as tensors and plain values (weights_only); 1: NumPy's RNG state as an array
 
@@ -61,6 +64,32 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def losses_train_uncertainty(config: dict) -> bool:
+    """Whether the losses of a run's config (its ``loss``, and ``warmup_loss`` for its warm-up epochs)
+    read the uncertainty output: only then is the predicted scale trained."""
+    names = [config.get("loss", "")] + ([config.get("warmup_loss", "")] if config.get("warmup_epochs", 0) else [])
+    return any(name in LOSSES and LOSSES[name].uses_uncertainty for name in names)
+
+
+def uncertainty_trained(ckpt: dict) -> bool | None:
+    """Whether the checkpoint's uncertainty output was trained: recorded by the run, derived from
+    its config for checkpoints of earlier versions; None for the authors' files (no config: their
+    own training, which PIUnet's authors ran with the uncertainty loss)."""
+    if "uncertainty_trained" in ckpt:
+        return bool(ckpt["uncertainty_trained"])
+    return losses_train_uncertainty(ckpt["config"]) if ckpt.get("config") else None
+
+
+def untrained_scale_warning(ckpt: dict) -> str:
+    """The warning for a checkpoint whose uncertainty output no loss ever trained ("" otherwise)."""
+    if uncertainty_trained(ckpt) is not False:
+        return ""
+    loss = ckpt["config"].get("loss", "?")
+    return (f"warning: this checkpoint's uncertainty was never trained: its loss ({loss}) does not read the "
+            f"scale, so the scale is what the initialisation gives and does not track the error; train with "
+            f"--loss=l1_reg_scale or l1u_reg for a scale that does")
+
+
 def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
                     epoch: int = 0, step: int = 0, step_in_epoch: int = 0, best_score: float | None = None,
                     config: dict | None = None, rng: dict | None = None, extra: dict | None = None) -> None:
@@ -73,7 +102,9 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer=None
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best_score": best_score,
-        "config": config, "rng": rng, **(extra or {})}, path)
+        "config": config, "rng": rng,
+        "uncertainty_trained": spec_of(m).uncertainty and config is not None and losses_train_uncertainty(config),
+        **(extra or {})}, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -217,8 +248,19 @@ def _fed_frames(cfg: Config) -> int:
     return spec.n_views if spec.views else cfg.n_frames
 
 
-def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") -> tuple[Config, nn.Module, Path]:
-    """Config (the checkpoint's, changed where the command line says so), the model, and the output folder.
+class EvalSetup(NamedTuple):
+    """What valid.py and predict.py run: the config, the model (eval mode), the output folder, and
+    the warning to give for an uncertainty output no loss trained ("" for none)."""
+
+    cfg: Config
+    model: nn.Module
+    out: Path
+    scale_warning: str = ""
+
+
+def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") -> EvalSetup:
+    """Config (the checkpoint's, changed where the command line says so), the model, the output
+    folder and the untrained-scale warning (:func:`untrained_scale_warning`).
 
     Used by valid.py and predict.py. ``checkpoint`` replaces the command line's ``--checkpoint``
     (predict.py's per-band checkpoints). ``default_out`` names the output folder placed in the
@@ -231,7 +273,7 @@ def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") 
         if spec_of(cfg.model).all_frames:  # e.g. the baseline averages the clearest of *all* frames
             cfg = cfg.replace(val_selection="all", val_batch_size=1)
         out = Path(cfg.out_dir) if cfg.out_dir else Path("results") / f"{cfg.model}-{default_out}"
-        return cfg, model, out
+        return EvalSetup(cfg, model, out)
     if not cfg.checkpoint:
         untrained = [n for n in MODELS if not spec_of(n).trainable]
         raise ConfigError(f"say what to run: --checkpoint=PATH (a training checkpoint or the authors' weights with "
@@ -259,4 +301,4 @@ def load_for_eval(command: CommandLine, default_out: str, checkpoint: str = "") 
         out = Path("results") / f"{cfg.model}-{default_out}-{ckpt_path.stem}"
     else:
         out = RunFolder.of_checkpoint(ckpt_path).output(default_out, ckpt_path)
-    return cfg, model, Path(cfg.out_dir) if cfg.out_dir else out
+    return EvalSetup(cfg, model, Path(cfg.out_dir) if cfg.out_dir else out, untrained_scale_warning(ckpt))

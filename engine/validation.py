@@ -18,7 +18,7 @@ from utils.runtime import Dist, release_freed_memory
 from utils.uncertainty import UncertaintyReport, reliability_image
 
 from .checkpoint import unwrap
-from .evaluate import evaluate, make_panel, summarize
+from .evaluate import describe_gain, evaluate, make_panel, summarize
 from .layout import RunFolder
 
 __all__ = ["validate", "describe", "val_indices"]
@@ -98,7 +98,10 @@ def _log_validation(summary: dict, panels: list[tuple[str, np.ndarray]], epoch: 
 
 
 def describe(summary: dict) -> str:
-    parts = [f"{b}: cPSNR {s['cpsnr']:.3f} dB, cSSIM {s['cssim']:.4f}, score {s['score']:.4f} ({s['n']} scenes)"
+    """The summary in one line a researcher reads: per band the gain over the ESA baseline in dB with
+    wins and losses (where norm.csv has the scenes), then cPSNR, cSSIM and the Kelvin score."""
+    parts = [f"{b}: " + (f"{describe_gain(s)}; " if describe_gain(s) else "")
+             + f"cPSNR {s['cpsnr']:.3f} dB, cSSIM {s['cssim']:.4f}, score {s['score']:.4f} ({s['n']} scenes)"
              for b, s in summary.items()]
     skipped = summary["all"]["skipped"]
     return "; ".join(parts) + (f"; skipped (no clear HR pixel): {', '.join(skipped)}" if skipped else "")

@@ -91,6 +91,10 @@ class PIUnet(nn.Module):
             frames (:class:`models.baseline.ESABaseline`, which reads the masks), with the last
             layer of the residual zero-initialised, so training starts from the baseline and
             only learns what improves on it. Same parameters and state-dict keys either way.
+        scale_detached: ``False`` (the authors): the uncertainty head reads the features the SR is
+            made of, and its loss trains them too. ``True`` (ours): it reads them detached, so a
+            loss on the scale (``l1_reg_scale``) trains the head alone and the SR exactly as
+            without it. Same parameters and outputs either way.
 
     ``forward(lrs (B,T,h,w) standardised) -> (mu, s)``, each ``(B,1,3h,3w)``: ``mu`` in standardised
     units, ``s`` the log-scale of the Laplace likelihood in those units. Any ``T >= 1``; the output
@@ -100,11 +104,11 @@ class PIUnet(nn.Module):
     has_uncertainty = True
 
     def __init__(self, n_feats: int = 42, r_bneck: int = 8, n_tefa: int = 16, n_heads: int = 1, scale: int = 3,
-                 skip: str = "bilinear"):
+                 skip: str = "bilinear", scale_detached: bool = False):
         super().__init__()
         if skip not in ("bilinear", "baseline"):
             raise ValueError(f"piunet: skip must be 'bilinear' or 'baseline', got {skip!r}")
-        c, self.scale, self.skip = n_feats, scale, skip
+        c, self.scale, self.skip, self.scale_detached = n_feats, scale, skip, scale_detached
         self.conv_in = FrameConv(1, c)
         self.tran_in = FrameAttention(c, n_heads)
         self.norm00 = nn.BatchNorm2d(c)
@@ -147,7 +151,9 @@ class PIUnet(nn.Module):
             base = self._up(lrs.mean(1, keepdim=True))
         # the last layers in float32 under autocast: bf16 would quantise the SR and its scale
         mu = F.pixel_shuffle(full_precision(self.conv_d2s_mu, x), self.scale) + base
-        s = full_precision(self.conv_out_sigma, F.leaky_relu(self.norm_sigma(self.conv_d2s_sigma(self._up(x)))))
+        # scale_detached: the scale's loss reaches its own head only, never the features the SR is made of
+        xs = x.detach() if self.scale_detached else x
+        s = full_precision(self.conv_out_sigma, F.leaky_relu(self.norm_sigma(self.conv_d2s_sigma(self._up(xs)))))
         return mu, s
 
     def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor | None = None,

@@ -296,3 +296,75 @@ def test_valid_reports_the_uncertainty_of_a_tiny_piunet(synthetic_root, tmp_path
                 f"--out_dir={tmp_path / 'b'}", "--device=cpu"])
     assert "uncertainty" not in json.loads((tmp_path / "b" / "summary.json").read_text())
     assert not (tmp_path / "b" / "reliability.png").exists()
+
+
+def _tiny_piunet_checkpoint(root, tmp_path, loss: str):
+    """A tiny PIUnet saved as a run trained with ``loss`` would save it (its config names the loss)."""
+    from config import parse_args
+    from engine.checkpoint import save_checkpoint
+    from models import build_model
+    cfg = parse_args(["--preset=piunet", f"--data_dir={root}", f"--cache_dir={tmp_path / 'c'}", "--band=all",
+                      "--device=cpu", '--model_args={"n_feats": 8, "n_tefa": 1, "r_bneck": 4}', f"--loss={loss}",
+                      "--warmup_loss=", "--warmup_epochs=0"])
+    torch.manual_seed(0)
+    path = tmp_path / f"{loss}.pt"
+    save_checkpoint(path, model=build_model("piunet", **cfg.model_args).eval(), config=cfg.to_dict())
+    return path
+
+
+def test_a_scale_no_loss_trained_is_reported_as_such(synthetic_root, tmp_path, capsys):
+    """A checkpoint trained with a loss that never reads the scale (registered L1) says so in valid.py's
+    uncertainty report and summary.json and when predict.py exports the maps; one whose loss reads
+    it does not."""
+    import predict
+    import valid
+    from engine.checkpoint import load_checkpoint, uncertainty_trained
+    untrained = _tiny_piunet_checkpoint(synthetic_root, tmp_path, "l1_reg")
+    trained = _tiny_piunet_checkpoint(synthetic_root, tmp_path, "l1_reg_scale")
+    assert uncertainty_trained(load_checkpoint(untrained)) is False
+    assert uncertainty_trained(load_checkpoint(trained)) is True
+    for path, warned in ((untrained, True), (trained, False)):
+        out = tmp_path / f"v-{path.stem}"
+        valid.main([f"--checkpoint={path}", f"--out_dir={out}", "--device=cpu"])
+        err = capsys.readouterr().err
+        assert ("uncertainty was never trained: its loss (l1_reg)" in err) is warned
+        assert json.loads((out / "summary.json").read_text())["uncertainty"]["trained"] is not warned
+        predict.main([f"--checkpoint={path}", f"--out_dir={tmp_path / f'p-{path.stem}'}", "--export_uncertainty"])
+        assert ("never trained" in capsys.readouterr().err) is warned
+        assert list((tmp_path / f"p-{path.stem}" / "uncertainty").glob("*.npy"))
+    del_config = load_checkpoint(untrained)
+    del_config.pop("uncertainty_trained")  # a checkpoint of an earlier version: derived from its config
+    assert uncertainty_trained(del_config) is False and uncertainty_trained({"config": None}) is None
+
+
+def test_the_scale_loss_on_detached_features_leaves_the_sr_as_registered_l1_trains_it(tmp_path):
+    """``l1_reg_scale`` with ``scale_detached``: every SR weight after a few steps is what ``l1_reg`` gives
+    (bit for bit), while the uncertainty head, which ``l1_reg`` never reaches, is trained."""
+    from config import parse_args
+    from engine.keeper import CheckpointKeeper
+    from engine.trainer import Trainer
+    from utils.runtime import Dist
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        lr = torch.rand(2, 4, 8, 8, generator=g) * 0.3 + 0.1
+        hr = torch.nn.functional.interpolate(lr[:, :1], scale_factor=3, mode="bilinear")
+        mask = (torch.rand(2, 4, 8, 8, generator=g) > 0.2).float()
+        hr = hr + 0.01 * torch.rand(hr.shape, generator=g)
+        batches.append(dict(lr=lr, lr_mask=mask, alphas=torch.ones(2, 4), hr=hr, hr_mask=torch.ones_like(hr),
+                            name=["a", "b"]))
+    nets = {}
+    for loss in ("l1_reg", "l1_reg_scale"):
+        cfg = parse_args(["--model=piunet", "--device=cpu", "--n_frames=4", "--patch_size=8", "--batch_size=2",
+                          '--model_args={"n_feats": 8, "n_tefa": 1, "r_bneck": 4, "skip": "baseline", '
+                          '"scale_detached": true}', f"--loss={loss}", "--lr=1e-2", "--channels_last=false"])
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, Dist(), torch.device("cpu"))
+        it, keeper = iter(batches), CheckpointKeeper(tmp_path / loss, 0, 0.0)
+        for _ in range(3):
+            trainer.train_step(it, keeper)
+        nets[loss] = dict(trainer.net.named_parameters())
+    head = {k for k in nets["l1_reg"] if "sigma" in k}
+    sr_part = [k for k in nets["l1_reg"] if k not in head]
+    assert head and all(torch.equal(nets["l1_reg"][k], nets["l1_reg_scale"][k]) for k in sr_part)
+    assert all(not torch.equal(nets["l1_reg"][k], nets["l1_reg_scale"][k]) for k in head if k.endswith("weight"))

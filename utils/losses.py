@@ -16,6 +16,10 @@ a batch with none of them gives a zero loss that still depends on the graph (so 
 - ``l1u_reg``: PIUnet's registered L1-uncertainty loss, the minimum over the offsets of the mean
   of ``s + |y - mu - b| exp(-s)`` over the clear pixels, ``s`` the predicted Laplace log-scale.
   In [0,1] units it differs from the authors' standardised-unit loss by a constant only.
+- ``l1_reg_scale``: ``l1_reg`` for the SR plus ``l1u_reg`` of the scale on the *detached* SR: the
+  scale learns the error of the SR (a Laplace fit) without pulling the SR towards pixels it finds
+  easy, which the joint loss does; with a model whose scale head reads detached features
+  (PIUnet's ``scale_detached``) the SR trains exactly as under ``l1_reg``.
 
 The authors' released training code computes two of these differently from what the papers
 describe; each is available as an option, so a reproduction can follow either:
@@ -137,6 +141,14 @@ def registered_l1_uncertainty(sr: torch.Tensor, log_scale: torch.Tensor, hr: tor
     return _registered(sr, hr, hr_mask, border, lambda r, crop, b: s[crop] + r.abs() * torch.exp(-s[crop]))
 
 
+def registered_l1_and_scale(sr: torch.Tensor, log_scale: torch.Tensor, hr: torch.Tensor,
+                            hr_mask: torch.Tensor, border: int = 3) -> torch.Tensor:
+    """``registered_l1(sr) + registered_l1_uncertainty(sr detached, log_scale)``: the SR's loss and the
+    scale's Laplace loss on the SR's error, the scale's gradient kept away from the SR."""
+    return (registered_l1(sr, hr, hr_mask, border)
+            + registered_l1_uncertainty(sr.detach(), log_scale, hr, hr_mask, border))
+
+
 def registered_l1_uncertainty_released(sr: torch.Tensor, log_scale: torch.Tensor, hr: torch.Tensor,
                                        hr_mask: torch.Tensor, border: int = 3) -> torch.Tensor:
     """PIUnet's released uncertainty loss: the brightness bias ``b`` of each offset (in [0,1] units)
@@ -179,6 +191,8 @@ LOSSES: dict[str, LossSpec] = {
     "l1_reg_std": LossSpec(lambda out, hr, m: registered_l1(_sr(out), hr, m) * (FULL_SCALE / RAW_STD)),
     "l1u_reg": LossSpec(lambda out, hr, m: registered_l1_uncertainty(_sr(out), _log_scale(out), hr, m),
                         uses_uncertainty=True),
+    "l1_reg_scale": LossSpec(lambda out, hr, m: registered_l1_and_scale(_sr(out), _log_scale(out), hr, m),
+                             uses_uncertainty=True),
     "l1u_reg_original": LossSpec(
         lambda out, hr, m: registered_l1_uncertainty_released(_sr(out), _log_scale(out), hr, m), uses_uncertainty=True),
 }
