@@ -93,8 +93,8 @@ class PIUnet(nn.Module):
             only learns what improves on it. Same parameters and state-dict keys either way.
         scale_detached: ``False`` (the authors): the uncertainty head reads the features the SR is
             made of, and its loss trains them too. ``True`` (ours): it reads them detached, so a
-            loss on the scale (``l1_reg_scale``) trains the head alone and the SR exactly as
-            without it. Same parameters and outputs either way.
+            loss on the scale (``l1_reg_scale``) trains the head alone. Same parameters and
+            outputs either way.
 
     ``forward(lrs (B,T,h,w) standardised) -> (mu, s)``, each ``(B,1,3h,3w)``: ``mu`` in standardised
     units, ``s`` the log-scale of the Laplace likelihood in those units. Any ``T >= 1``; the output

@@ -19,7 +19,7 @@ a batch with none of them gives a zero loss that still depends on the graph (so 
 - ``l1_reg_scale``: ``l1_reg`` for the SR plus ``l1u_reg`` of the scale on the *detached* SR: the
   scale learns the error of the SR (a Laplace fit) without pulling the SR towards pixels it finds
   easy, which the joint loss does; with a model whose scale head reads detached features
-  (PIUnet's ``scale_detached``) the SR trains exactly as under ``l1_reg``.
+  (PIUnet's ``scale_detached``) only ``l1_reg`` reaches the SR (bit for bit without gradient clipping).
 
 The authors' released training code computes two of these differently from what the papers
 describe; each is available as an option, so a reproduction can follow either:
