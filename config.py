@@ -17,7 +17,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
-from data import BANDS, FRAME_ORDERS, PATCHES, SELECTIONS, SPLITS
+from data import BANDS, FRAME_ORDERS, PATCHES, SELECTIONS, SPLITS, dataset_options
 from models import MODELS, model_kwargs
 from utils.losses import LOSSES
 from utils.runtime import AMP_DTYPES
@@ -291,7 +291,7 @@ def _check(cfg: Config) -> Config:
     for key, choices in CHOICES.items():
         if getattr(cfg, key) not in choices:
             raise ConfigError(f"{key}={getattr(cfg, key)!r}: choose from {', '.join(repr(c) for c in choices)}")
-    for key in ("epochs", "batch_size", "accum_steps", "n_frames", "patch_size", "repeats", "val_every",
+    for key in ("epochs", "batch_size", "accum_steps", "n_frames", "patch_size", "val_every",
                 "log_every", "val_batch_size", "window", "window_stride"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be at least 1")
@@ -300,8 +300,10 @@ def _check(cfg: Config) -> Config:
     for key in ("min_clear", "min_frame_clearance", "holdout_fraction", "window_min_clear"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must lie in [0, 1]")
-    if cfg.patches == "windows" and cfg.window < cfg.patch_size:
-        raise ConfigError(f"window={cfg.window} must be at least patch_size={cfg.patch_size} (patches=windows)")
+    try:  # the data options' own rules (repeats, window at least the patch, ...): data.DatasetOptions
+        dataset_options(cfg, training=True, progress=False)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.cuda_graphs and cfg.compile:
         raise ConfigError("cuda_graphs=true and compile=true: choose one (compile has its own graph mode)")
     # graphs and fp16 on the device the run lands on: engine.trainer.check_placement, once it is open

@@ -48,6 +48,9 @@ def test_overrides_are_typed_and_applied_after_the_preset():
     (["--batch_size=0"], "must be at least 1"),
     (["--amp=fp8"], "choose from 'off', 'bf16', 'fp16'"),
     (["--cuda_graphs=true", "--compile=true"], "choose one"),
+    # the data options' rules, from data.DatasetOptions (one home), as config errors
+    (["--patches=windows", "--window=16", "--patch_size=32"], "window=16 is smaller than patch_size=32"),
+    (["--repeats=0"], "repeats must be at least 1"),
 ])
 def test_bad_arguments_are_errors_that_say_what_is_valid(argv, match):
     with pytest.raises(ConfigError, match=match):

@@ -12,7 +12,8 @@ TINY = {"qanet": dict(n_modules=2, n_resblocks=1, n_feats=8, reduction=4, n_fram
         "baseline": {},
         "highresnet": dict(n_feats=8, n_resblocks=1, deconv_channels=4),
         "misrgru": dict(n_feats=8, n_resblocks=1, gru_channels=(8,), gru_kernel_sizes=(3,), deconv_channels=4),
-        "trmisr": dict(n_feats=8, n_resblocks=1, depth=1, n_heads=2, mlp_dim=8)}
+        "trmisr": dict(n_feats=8, n_resblocks=1, depth=1, n_heads=2, mlp_dim=8),
+        "wdsr3d": dict(n_feats=8, n_resblocks=1, expansion=2, n_frames=7)}
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +84,8 @@ def test_from_reference_defaults_and_errors(reference):
 
 
 def test_registry():
-    assert set(MODELS) == {"qanet", "piunet", "baseline", "highresnet", "misrgru", "trmisr"}
-    with pytest.raises(KeyError, match="known models: baseline, highresnet, misrgru, piunet, qanet, trmisr"):
+    assert set(MODELS) == {"qanet", "piunet", "baseline", "highresnet", "misrgru", "trmisr", "wdsr3d"}
+    with pytest.raises(KeyError, match="known models: baseline, highresnet, misrgru, piunet, qanet, trmisr, wdsr3d"):
         build_model("srgan")
     with pytest.raises(TypeError, match="n_feats"):
         build_model("qanet", N_feats=3)

@@ -46,7 +46,9 @@ def test_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == expected_parameters() == 329_328
     small = WDSR3D(n_feats=8, n_resblocks=2, expansion=2, n_frames=9)
     assert sum(p.numel() for p in small.parameters()) == expected_parameters(8, 2, 2, n_frames=9)
-    assert model.kwargs == dict(scale=3, n_feats=32, n_resblocks=8, expansion=6, low_rank=0.8, n_frames=7, tile=32)
+    from models import build_model  # the registry records the arguments a checkpoint rebuilds it from
+    assert build_model("wdsr3d").kwargs == dict(scale=3, n_feats=32, n_resblocks=8, expansion=6, low_rank=0.8,
+                                                n_frames=7, tile=32)
     with pytest.raises(ValueError, match="n_frames=6"):
         WDSR3D(n_frames=6)
 
