@@ -35,6 +35,7 @@ import warnings
 from typing import Callable, NamedTuple
 
 import numpy as np
+from scipy import ndimage
 from skimage.registration import phase_cross_correlation
 
 # TR-MISR's output step belongs to the model (models.ModelSpec.postprocess); re-exported for the recipes' users
@@ -188,17 +189,11 @@ def shift_zero_fill(img: np.ndarray, shift) -> np.ndarray:
 
 
 def shift_reflect(img: np.ndarray, shift) -> np.ndarray:
-    """``img`` translated by an integer (row, col) ``shift`` on its last two axes, the edge mirrored in:
-    ``scipy.ndimage.shift(img, shift, mode='reflect')`` for integer shifts (``d c b a | a b c d``),
-    exactly, without its spline."""
-    out = np.asarray(img)
-    for axis, s in zip((-2, -1), (int(v) for v in shift), strict=True):
-        n = out.shape[axis]
-        src = np.arange(n) - s
-        src = np.where(src < 0, -src - 1, src)
-        src = np.where(src >= n, 2 * n - 1 - src, src)
-        out = np.take(out, np.clip(src, 0, n - 1), axis=axis)  # clip: shifts past a whole frame
-    return out
+    """``img`` translated by an integer (row, col) ``shift`` on its last two axes, the edge mirrored in
+    (``d c b a | a b c d``): ``scipy.ndimage.shift(img, shift, mode='reflect')``, at order 0 (exact
+    for integer shifts, dtype kept), as :func:`data.registration.register_frames` moves frames."""
+    img = np.asarray(img)
+    return ndimage.shift(img, (0,) * (img.ndim - 2) + tuple(int(v) for v in shift), order=0, mode="reflect")
 
 
 def register_to_first(lr: np.ndarray, qm: np.ndarray,

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from config import CommandLine, Config, ConfigError
 from models import MODELS, TRAINABLE, build_model, check_frames, model_kwargs, name_of, released_state, spec_of
-from utils.losses import LOSSES
+from utils.losses import LOSSES, run_losses
 from utils.runtime import atomic_torch_save, check_amp, resolve_device
 
 from .layout import RunFolder
@@ -67,7 +67,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def losses_train_uncertainty(config: dict) -> bool:
     """Whether the losses of a run's config (its ``loss``, and ``warmup_loss`` for its warm-up epochs)
     read the uncertainty output: only then is the predicted scale trained."""
-    names = [config.get("loss", "")] + ([config.get("warmup_loss", "")] if config.get("warmup_epochs", 0) else [])
+    names = run_losses(config.get("loss", ""), config.get("warmup_loss", ""), config.get("warmup_epochs", 0))
     return any(name in LOSSES and LOSSES[name].uses_uncertainty for name in names)
 
 

@@ -34,7 +34,7 @@ from config import Config, ConfigError
 from data import ProbaVDataset
 from data.sampler import StepBatchSampler
 from models import build_model, model_kwargs, request_channels_last, spec_of
-from utils.losses import LOSSES, compute_loss
+from utils.losses import LOSSES, compute_loss, run_losses
 from utils.runtime import (
     Dist,
     autocast,
@@ -120,7 +120,7 @@ def wrap(net: nn.Module, cfg: Config, dist: Dist, device: torch.device) -> nn.Mo
     model: nn.Module = SuperResolveForward(net)
     if dist.enabled:
         # an uncertainty head gets no gradient from the losses that ignore it (registered L1)
-        losses = {cfg.loss} | ({cfg.warmup_loss} if cfg.warmup_loss and cfg.warmup_epochs > 0 else set())
+        losses = run_losses(cfg.loss, cfg.warmup_loss, cfg.warmup_epochs)
         unused = spec_of(net).uncertainty and not all(LOSSES[name].uses_uncertainty for name in losses)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=unused)
@@ -285,7 +285,7 @@ class Trainer:
                 unreached = self.unreached(self.loss_name(), mb)
             total[0] += self._backward(mb, a).double() / cfg.accum_steps
             samples += len(mb["name"]) * dist.world
-        if self.graphed is not None:
+        if self.capture is not None:
             for p in unreached:  # as eager autograd leaves them: Adam skips them
                 p.grad = None
         total[1], total[2] = keeper.local_flags()

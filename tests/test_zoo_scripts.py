@@ -21,11 +21,10 @@ import train
 import valid
 from conftest import assert_same_state, common_args, shared_path
 from engine.checkpoint import CheckpointError, load_checkpoint
+from models import MODELS
 
-TINY = {"highresnet": {"n_feats": 8, "n_resblocks": 1, "deconv_channels": 4},
-        "misrgru": {"n_feats": 8, "n_resblocks": 1, "gru_channels": [8], "gru_kernel_sizes": [3], "deconv_channels": 4},
-        "trmisr": {"n_feats": 8, "n_resblocks": 1, "depth": 1, "n_heads": 2, "mlp_dim": 8},
-        "wdsr3d": {"n_feats": 8, "n_resblocks": 1, "expansion": 2}}
+# the registry's small networks of the zoo models (ModelSpec.smoke_args)
+TINY = {name: MODELS[name].smoke_args for name in ("highresnet", "misrgru", "trmisr", "wdsr3d")}
 NAMES = sorted(TINY)
 
 

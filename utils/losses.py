@@ -198,6 +198,11 @@ LOSSES: dict[str, LossSpec] = {
 }
 
 
+def run_losses(loss: str, warmup_loss: str = "", warmup_epochs: int = 0) -> tuple[str, ...]:
+    """The losses a run trains with: ``loss``, and ``warmup_loss`` when it has warm-up epochs."""
+    return (loss,) + ((warmup_loss,) if warmup_loss and warmup_epochs > 0 else ())
+
+
 def compute_loss(name: str, out: dict, hr: torch.Tensor, hr_mask: torch.Tensor) -> torch.Tensor:
     """The loss ``name`` (a key of :data:`LOSSES`) of a model output dict against the batch."""
     if name not in LOSSES:
