@@ -6,6 +6,8 @@
     python bench.py loader [--data_dir=...] [--workers=0,2]  decode cache and patch loader samples/s
     python bench.py valid [--device=cuda] [--batch=8]         full-scene validation scenes/s per model
     python bench.py losses [--device=cpu] [--batch=8] [--patch=96]  forward+backward time per training loss
+    python bench.py zoo --ref=MODEL=DIR ... [--batch=2]    the zoo against its authors' code: train step and
+                           full-scene time per model, both in one run (benchmarks/zoo.py)
     python bench.py gpu-check [--device=cuda|cuda:N|cpu] [--only=A,B] [--list]
                            every GPU path of train/valid/predict once, PASS/FAIL/SKIP per path
                            (benchmarks/gpu_check.py; minutes on one GPU)
@@ -25,7 +27,9 @@ import time
 import numpy as np
 import torch
 
-from benchmarks import gpu_check
+from benchmarks import gpu_check, zoo
+from benchmarks.timing import (authors_config, device_name, reset_resident_peak, resident_peak_mib, sync, timeit,
+                               train_step_fn)
 
 
 def cpsnr_loop(sr: np.ndarray, hr: np.ndarray, sm: np.ndarray, border: int = 3) -> float:
@@ -45,43 +49,6 @@ def cpsnr_loop(sr: np.ndarray, hr: np.ndarray, sm: np.ndarray, border: int = 3) 
     return float(best) if np.isfinite(best) else float("nan")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timeit(fn, device, repeat=3) -> float:
-    """Seconds per call of ``fn``: the best of ``repeat`` timed calls after a warm-up call
-    (``torch.utils.benchmark.Timer`` synchronises CUDA around each)."""
-    from torch.utils.benchmark import Timer
-    fn()
-    _sync(device)
-    timer = Timer(stmt="fn()", globals={"fn": fn})
-    return min(timer.timeit(1).mean for _ in range(repeat))
-
-
-def _reset_resident_peak() -> None:
-    """Linux: restart the process's resident-memory high-water mark (VmHWM), so that it measures
-    one benchmark row. Elsewhere a no-op (the peak then reads nan)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _resident_peak_mib() -> float:
-    """The process's resident-memory high-water mark in MiB (Linux ``VmHWM``), nan where unknown."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def bench_metric(args) -> None:
     from utils.metrics import cpsnr, cssim
     device = torch.device(args.device)
@@ -91,14 +58,14 @@ def bench_metric(args) -> None:
     sr = (hr + 0.003 * torch.randn(n, 384, 384, generator=g, dtype=torch.float64)).clamp(0, 1)
     sm = torch.rand(n, 384, 384, generator=g) > 0.1
     hr_np, sr_np, sm_np = hr.numpy(), sr.numpy(), sm.numpy()
-    t_loop = _timeit(lambda: [cpsnr_loop(sr_np[i], hr_np[i], sm_np[i]) for i in range(n)], torch.device("cpu"), 1) / n
+    t_loop = timeit(lambda: [cpsnr_loop(sr_np[i], hr_np[i], sm_np[i]) for i in range(n)], torch.device("cpu"), 1) / n
     ref = np.array([cpsnr_loop(sr_np[i], hr_np[i], sm_np[i]) for i in range(n)])
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+    print(f"device: {device} ({torch.cuda.getdevice_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"cpsnr  loop oracle (numpy, float64, CPU): {t_loop * 1e3:8.2f} ms/scene")
     for dtype in (torch.float64, torch.float32):
         s, h, m = sr.to(device, dtype), hr.to(device, dtype), sm.to(device)
-        t = _timeit(lambda s=s, h=h, m=m: cpsnr(s, h, m), device) / n
+        t = timeit(lambda s=s, h=h, m=m: cpsnr(s, h, m), device) / n
         err = np.abs(cpsnr(s, h, m).double().cpu().numpy() - ref).max()
         print(f"cpsnr  batched core ({str(dtype)[6:]}, batch {n}):    {t * 1e3:8.2f} ms/scene  "
               f"{t_loop / t:6.1f}x the loop  max |diff| {err:.1e} dB")
@@ -106,10 +73,10 @@ def bench_metric(args) -> None:
         big = 290
         s = sr[:1].expand(big, -1, -1).contiguous().to(device, torch.float32)
         h, m = hr[:1].expand(big, -1, -1).contiguous().to(device, torch.float32), sm[:1].expand(big, -1, -1).to(device)
-        t = _timeit(lambda: cpsnr(s, h, m), device)
+        t = timeit(lambda: cpsnr(s, h, m), device)
         print(f"cpsnr  290 scenes in one call: {t * 1e3:.1f} ms ({big / t:.0f} scenes/s)")
     k = min(n, 4)
-    t = _timeit(lambda: cssim(sr[:k].to(device), hr[:k].to(device), sm[:k].to(device)), device, 1) / k
+    t = timeit(lambda: cssim(sr[:k].to(device), hr[:k].to(device), sm[:k].to(device)), device, 1) / k
     print(f"cssim  batched (float64): {t * 1e3:8.2f} ms/scene")
 
 
@@ -123,60 +90,12 @@ def bench_losses(args) -> None:
     mask = (torch.rand(shape, generator=g) < 0.9).float().to(device)
     sr = (hr.roll(1, -1) + 0.01 * torch.randn(shape, generator=g).to(device)).requires_grad_()
     log_scale = torch.full(shape, -4.0, device=device, requires_grad=True)
-    print(f"device: {_device_name(device)}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"device: {device_name(device)}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {args.batch} x {args.patch}x{args.patch}")
     for name in LOSSES:
         def step(name=name):
             compute_loss(name, {"sr": sr, "log_scale": log_scale}, hr, mask).backward()
-        print(f"{name:18s} {_timeit(step, device, repeat=5) * 1e3:8.2f} ms forward+backward")
-
-
-def authors_config(name: str) -> dict:
-    """The batch and frame count of a model's published training recipe (its authors' preset)."""
-    from config import parse_args
-    from models import spec_of
-    cfg = parse_args([f"--preset={spec_of(name).preset}"])  # resolved: a preset leaves out what the defaults say
-    return dict(batch=cfg.batch_size, frames=cfg.n_frames)
-
-
-def _train_step_fn(model, name: str, batch: int, frames: int, patch: int, device, amp: str, reference: bool,
-                   graphs: bool = False):
-    """One training step as train.py runs it (the authors' code: with the plain Adam it ships with)."""
-    from models import spec_of
-    from utils.runtime import AMP_DTYPES, cuda_graphed, make_optimizer
-    spec = spec_of(name)
-    lr = torch.rand(batch, frames, patch, patch, device=device)
-    qm = (torch.rand(batch, frames, patch, patch, device=device) > 0.1).float()
-    hr = torch.rand(batch, 1, 3 * patch, 3 * patch, device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4) if reference else make_optimizer(model.parameters(), 1e-4, 0.0,
-                                                                                          device)
-    dtype = AMP_DTYPES[amp]
-
-    class Core(torch.nn.Module):  # ours: super_resolve, as train.py calls it; the authors': their raw forward
-        def __init__(self):
-            super().__init__()
-            self.net = model
-
-        def forward(self, lr, qm):
-            if not reference:
-                out = self.net.super_resolve(lr, qm)
-                return (out["sr"], out["log_scale"]) if spec.uncertainty else out["sr"]
-            return self.net(lr, qm) if spec.uses_masks else self.net(lr)
-
-    core = Core()
-    fwd = cuda_graphed(core, (lr, qm), amp) if graphs else core
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out = fwd(lr, qm)
-            if spec.uncertainty:  # (mean, log-scale): the log-scale joins the graph as in training
-                out = out[0] + 0 * out[1].mean()
-        loss = (out.float() - hr).abs().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 15.0)
-        opt.step()
-    return step
+        print(f"{name:18s} {timeit(step, device, repeat=5) * 1e3:8.2f} ms forward+backward")
 
 
 def bench_models(args) -> None:
@@ -187,7 +106,7 @@ def bench_models(args) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     names = args.models.split(",")
-    print(f"device: {_device_name(device)}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"device: {device_name(device)}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"patch {args.patch}, malloc {args.malloc}")
     print(f"{'model':10s} {'impl':8s} {'amp':5s} {'mode':7s} {'batch':>5s} {'samples/s':>10s} {'ms/step':>8s} "
           f"{'peak MiB':>9s} {'reserved':>9s}")
@@ -215,28 +134,28 @@ def bench_models(args) -> None:
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(device)
                     else:
-                        _reset_resident_peak()
+                        reset_resident_peak()
                     model = make().to(device).train()
                     if compiled:
                         model = torch.compile(model)
                     mode = "graphs" if graphs else "compile" if compiled else "eager"
                     try:
-                        step = _train_step_fn(model, name, batch, cfg["frames"], args.patch, device, amp,
+                        step = train_step_fn(model, name, batch, cfg["frames"], args.patch, device, amp,
                                               impl == "authors", graphs)
                         for _ in range(args.warmup):
                             step()
-                        _sync(device)
+                        sync(device)
                         t = time.perf_counter()
                         for _ in range(args.steps):
                             step()
-                        _sync(device)
+                        sync(device)
                     except torch.OutOfMemoryError:
                         print(f"{name:10s} {impl:8s} {amp:5s} {mode:7s} {batch:5d} out of memory")
                         continue
                     dt = (time.perf_counter() - t) / args.steps
                     cuda = device.type == "cuda"
                     # CPU: the resident high-water mark of the whole process during this row
-                    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else _resident_peak_mib()
+                    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else resident_peak_mib()
                     reserved = torch.cuda.max_memory_reserved(device) / 2 ** 20 if cuda else float("nan")
                     print(f"{name:10s} {impl:8s} {amp:5s} {mode:7s} {batch:5d} {batch / dt:10.2f} "
                           f"{dt * 1e3:8.1f} {peak:9.0f} {reserved:9.0f}", flush=True)
@@ -257,7 +176,7 @@ def bench_valid(args) -> None:
     from models import build_model, spec_of
     from utils.metrics import cpsnr
     device = torch.device(args.device)
-    print(f"device: {_device_name(device)}, batch {args.batch} scenes, amp {args.amp}")
+    print(f"device: {device_name(device)}, batch {args.batch} scenes, amp {args.amp}")
     hr = torch.rand(args.batch, 1, 384, 384, generator=torch.Generator().manual_seed(1)).to(device)
     for name in args.models.split(","):
         frames = spec_of(name).n_views or 9
@@ -265,7 +184,7 @@ def bench_valid(args) -> None:
         lr = torch.rand(args.batch, frames, 128, 128, generator=g).to(device)
         qm = (torch.rand(args.batch, frames, 128, 128, generator=g) > 0.1).float().to(device)
         model = build_model(name).to(device).eval()
-        t = _timeit(lambda model=model, lr=lr, qm=qm: cpsnr(super_resolve(model, lr, qm, args.amp)["sr"], hr,
+        t = timeit(lambda model=model, lr=lr, qm=qm: cpsnr(super_resolve(model, lr, qm, args.amp)["sr"], hr,
                                                              qm.new_ones(hr.shape)), device, 2)
         print(f"{name:10s} {frames:3d} frames {args.batch / t:8.2f} scenes/s  ({t / args.batch * 1e3:.1f} ms/scene, "
               f"SR + cPSNR)")
@@ -315,13 +234,6 @@ def bench_loader(args) -> None:
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    import platform
-    return f"cpu ({platform.processor() or platform.machine()})"
-
-
 def _authored() -> list[str]:
     """The trainable models with a published training recipe (the default rows)."""
     from models import MODELS
@@ -364,10 +276,12 @@ def main(argv=None) -> None:
     ls.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ls.add_argument("--batch", type=int, default=8)
     ls.add_argument("--patch", type=int, default=96, help="HR patch side (3x the LR patch)")
+    zo = sub.add_parser("zoo", description=zoo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    zoo.add_arguments(zo)
     gc_ = sub.add_parser("gpu-check", description=gpu_check.__doc__,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu_check.add_arguments(gc_)
-    for sp in (m, mo, va, lo, ls):
+    for sp in (m, mo, va, lo, ls, zo):
         sp.add_argument("--malloc", default="reuse", choices=["reuse", "system"],
                         help="reuse: keep freed CPU memory for reuse, as train.py, valid.py and predict.py do "
                              "(utils.runtime.reuse_freed_memory); system: glibc's default")
@@ -376,7 +290,7 @@ def main(argv=None) -> None:
         from utils.runtime import reuse_freed_memory
         reuse_freed_memory()
     {"metric": bench_metric, "models": bench_models, "valid": bench_valid, "loader": bench_loader,
-     "losses": bench_losses, "gpu-check": gpu_check.main}[args.what](args)
+     "losses": bench_losses, "zoo": zoo.main, "gpu-check": gpu_check.main}[args.what](args)
 
 
 if __name__ == "__main__":

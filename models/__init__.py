@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch.nn as nn
 
@@ -65,8 +65,10 @@ class ModelSpec:
         convert_state: ``f(state dict) -> state dict`` mapping the authors' released key layouts to
             ours (e.g. an older layout of their code), applied to every bare state dict; or None.
         preset: the preset of ``config.py`` that holds the authors' training recipe ("" for none).
-        authors_network: ``f(checkout folder) -> nn.Module``, the authors' own network class built at
-            their default configuration from a local checkout of their code (benchmarks only), or None.
+        authors_network: ``f(checkout folder)``, the authors' own network built at their default
+            configuration from a local checkout of their code (benchmarks only): an ``nn.Module``
+            called ``net(lr)`` (``net(lr, lr_mask)`` where ``uses_masks``), or a
+            :class:`models.authors.KerasNetwork` for TensorFlow code; or None.
         padding: how a sample with fewer frames than the model takes is filled: ``"repeat"`` (the
             clearest frame again) or ``"zeros"`` (zero frames with alpha 0, which the model masks:
             its authors' collate function).
@@ -97,7 +99,7 @@ class ModelSpec:
     reference_kwargs: Callable[[dict], dict] | None = None
     convert_state: Callable[[dict], dict] | None = None
     preset: str = ""
-    authors_network: Callable[[str], nn.Module] | None = None
+    authors_network: Callable[[str], Any] | None = None
     padding: str = "repeat"
     views: str = ""
     n_views: int = 0
@@ -137,10 +139,12 @@ MODELS: dict[str, ModelSpec] = {
     "highresnet": ModelSpec(HighResNet, "HighRes-net", uses_masks=False,
                             reference_kwargs=highresnet.kwargs_from_reference, preset="highresnet", padding="zeros",
                             frame_order_contract="sequence", views="sorted_padded", n_views=16,
+                            authors_network=highresnet.authors_network,
                             smoke_args=dict(n_feats=8, n_resblocks=1, deconv_channels=4)),
     "misrgru": ModelSpec(MISRGRU, "MISR-GRU", uses_masks=False, reference_kwargs=misrgru.kwargs_from_reference,
                          convert_state=misrgru.convert_released_state, preset="misrgru", padding="zeros",
                          frame_order_contract="sequence", views="sorted_padded", n_views=16,
+                         authors_network=misrgru.authors_network,
                          smoke_args=dict(n_feats=8, n_resblocks=1, gru_channels=[8], gru_kernel_sizes=[3],
                                          deconv_channels=4)),
     # TR-MISR: the 24 clearest views registered to the first, for scoring and (as patches) for training;
@@ -149,13 +153,15 @@ MODELS: dict[str, ModelSpec] = {
                         reference_kwargs=trmisr.kwargs_from_reference, preset="trmisr", padding="zeros",
                         frame_order_contract="sequence", views="registered_padded", n_views=24, train_views=True,
                         postprocess=trmisr.postprocess, lr_scale={"superres": 0.5},
+                        authors_network=trmisr.authors_network,
                         smoke_args=dict(n_feats=8, n_resblocks=1, depth=1, n_heads=2, mlp_dim=8)),
     # 3DWDSRNet: 7 frames registered to the clearest (moved with reflection), the least masked first,
     # repeated (not zero-padded) up to 7; its output clipped to [0, 65536] DN and rounded; its released
     # weights are TensorFlow checkpoints, read without TensorFlow
     "wdsr3d": ModelSpec(WDSR3D, "3DWDSRNet", frames_arg="n_frames", uses_masks=False, preset="wdsr3d",
                         views="registered_reflect", n_views=7, train_views=True, postprocess=wdsr3d.postprocess,
-                        read_released=wdsr3d.read_released, smoke_args=dict(n_feats=8, n_resblocks=1, expansion=2)),
+                        read_released=wdsr3d.read_released, authors_network=wdsr3d.authors_network,
+                        smoke_args=dict(n_feats=8, n_resblocks=1, expansion=2)),
 }
 
 # the models built from their authors' configuration by from_reference (the ones with released weights)

@@ -242,3 +242,15 @@ def kwargs_from_reference(config: dict) -> dict:
     """The authors' nested ``network`` config (``encoder``, ``recursive``, ``decoder``) -> :class:`HighResNet`
     keyword arguments; unknown keys are a ``KeyError`` naming them."""
     return map_reference_config(HighResNet, config, HIGHRESNET_NAMES, HIGHRESNET_TIED)
+
+
+def authors_network(checkout: str) -> nn.Module:
+    """The authors' own HighRes-net (``src/DeepNetworks/HRNet.py``) at their ``config/config.json``,
+    from a local checkout of ServiceNow/HighRes-net, behind ``forward(lr)`` (every view real); for
+    benchmarks against their code. Their code is executed: use a checkout you trust. Never shipped here."""
+    from pathlib import Path
+
+    from .authors import ViewsForward, exec_source, read_json_section
+    root = Path(checkout)
+    mod = exec_source(root / "src" / "DeepNetworks" / "HRNet.py", "highresnet_authors")
+    return ViewsForward(mod.HRNet(read_json_section(root / "config" / "config.json", "network")))

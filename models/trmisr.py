@@ -70,6 +70,16 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Te
         for i in range(0, n, rows)])
 
 
+def _attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`_attention` on a CPU, as two batched matrix products around a softmax: with sequences
+    this short (the frames, 25) oneDNN's fused kernel trains 1.2x slower, its backward recomputing
+    what the products keep. The mask is skipped when every frame is real (full scenes, most patches)."""
+    logits = torch.matmul(q * scale, k.transpose(-1, -2))  # (N, heads, n, n)
+    if not bool(keep.all()):
+        logits = logits.masked_fill_(~keep, float("-inf"))  # the product's own output: free to overwrite
+    return torch.matmul(logits.softmax(-1), v)
+
+
 class FrameSelfAttention(nn.Module):
     """Multi-head self-attention over a sequence of frame tokens, padded frames masked as keys.
 
@@ -89,8 +99,11 @@ class FrameSelfAttention(nn.Module):
         q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # each (N,h,n,d)
         # masked logits become -inf (the authors: -float32 max); the same weights, as the class
         # token is never masked and no row is empty
-        # in chunks on CUDA only (see _ATTENTION_ROWS); on CPU one call, nothing to split
-        out = _attention(q, k, v, keep, self.scale, _ATTENTION_ROWS if q.is_cuda else q.shape[0])
+        # on CUDA in chunks (see _ATTENTION_ROWS)
+        if q.device.type == "cpu":
+            out = _attention_cpu(q, k, v, keep, self.scale)
+        else:
+            out = _attention(q, k, v, keep, self.scale, _ATTENTION_ROWS if q.is_cuda else q.shape[0])
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -241,3 +254,17 @@ def kwargs_from_reference(config: dict) -> dict:
     if "in_channels" in config.get("encoder", {}):
         kwargs["median_reference"] = in_channels == 2
     return kwargs
+
+
+def authors_network(checkout: str) -> nn.Module:
+    """The authors' own TR-MISR (``src/DeepNetworks/TRNet.py``, which needs ``einops``) at their
+    ``config/config.json``, from a local checkout of Suanmd/TR-MISR, behind ``forward(lr)`` (every
+    view real, no maps, ``K`` the frame side as their training and validation pass it); for benchmarks
+    against their code. Their code is executed: use a checkout you trust. Never shipped here."""
+    from pathlib import Path
+
+    from .authors import ViewsForward, exec_source, read_json_section
+    root = Path(checkout)
+    mod = exec_source(root / "src" / "DeepNetworks" / "TRNet.py", "trmisr_authors")
+    net = mod.TRNet(read_json_section(root / "config" / "config.json", "network"))
+    return ViewsForward(net, lambda lr: {"maps": None, "K": lr.shape[-1]})

@@ -100,7 +100,7 @@ class WideBlock(nn.Module):
         self.conv = WNConv(3, narrow, n_feats, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(self.linear(F.relu(self.expand(x))))
+        return x + self.conv(self.linear(F.relu(self.expand(x), inplace=True)))
 
 
 def _tile_starts(n: int, tile: int) -> list[int]:
@@ -151,6 +151,9 @@ class WDSR3D(nn.Module):
     def _volume_path(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised frames ``(B,1,T,h,w)`` -> ``(B,1,scale*(h-2),scale*(w-2))``."""
         x = F.relu(self.head(x))
+        if getattr(self, "memory_format", torch.contiguous_format) == torch.channels_last:
+            # NDHWC, oneDNN's own layout for 3-D convolutions: 1.3x faster blocks on a CPU (request_channels_last)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         for block in self.blocks:
             x = block(x)
         for reducer in self.reducers:
@@ -285,3 +288,42 @@ def load_released(folder: str | Path, **kwargs) -> WDSR3D:
     arch = {k: v for k, v in kwargs.items() if k not in ("tile",)}
     model.load_state_dict(read_released(folder, **arch))
     return model.eval()
+
+
+def authors_network(checkout: str):
+    """The author's own 3DWDSRNet (``WDSR3D/network.py``: ``wdsr_3d(3, 32, 8, 6, res_block_b, 7)`` as
+    their ``train.py`` and ``predict.py`` build it) from a local checkout of frandorr/3DWDSRNet, as a
+    :class:`models.authors.KerasNetwork`: its inputs are the 7 frames in DN ``(B,34,34,7,1)`` and their
+    mean ``(B,34,34,1)``; its full-scene inference is their ``predict.py`` (``resolve`` on the 16
+    reflect-padded 34x34 tiles, ``reconstruct_from_patches``). Needs TensorFlow with Keras 2 and
+    TensorFlow Addons (``pip install tensorflow-cpu tf-keras tensorflow-addons click``), for
+    benchmarks only. Their code is executed: use a checkout you trust. Never shipped here."""
+    import os
+    import sys
+
+    from .authors import KerasNetwork, exec_source, legacy_keras
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before TensorFlow loads: tf.keras = Keras 2
+    legacy_keras()
+    root = Path(checkout)
+    sys.path.insert(0, str(root))  # their predict.py imports WDSR3D.network
+    network = exec_source(root / "WDSR3D" / "network.py", "WDSR3D.network")
+    tf = sys.modules["tensorflow"]
+    try:  # as many threads as torch uses, so that a comparison gives both sides the same cores
+        tf.config.threading.set_intra_op_parallelism_threads(torch.get_num_threads())
+        tf.config.threading.set_inter_op_parallelism_threads(torch.get_num_interop_threads())
+    except RuntimeError:  # TensorFlow already started: its threads are set
+        pass
+    predict = exec_source(root / "predict.py", "wdsr3d_predict_authors")
+    model = network.wdsr_3d(3, 32, 8, 6, network.res_block_b, 7)
+
+    def inputs(lr: np.ndarray) -> list:
+        frames = np.ascontiguousarray(lr.transpose(0, 2, 3, 1)[..., None] * FULL_SCALE, dtype=np.float32)
+        return [frames, frames.mean(3)]
+
+    def infer(model, lr: np.ndarray):
+        padded = np.pad(lr[0], ((0, 0), (1, 1), (1, 1)), mode="reflect")  # (7, 130, 130)
+        tiles = np.stack([padded[:, r:r + 34, c:c + 34] for r in range(0, 128, 32) for c in range(0, 128, 32)])
+        frames, mean = inputs(tiles)
+        return predict.reconstruct_from_patches(np.array(predict.resolve(model, frames, mean)))
+
+    return KerasNetwork(model, inputs, infer)

@@ -223,6 +223,28 @@ def test_trmisr_chunked_attention_matches_one_call(monkeypatch, per_sequence):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_trmisr_cpu_attention_matches_sdpa(padded):
+    # on a CPU TR-MISR attends with two matrix products (faster than the fused kernel for 25 frames)
+    # and skips the mask when every frame is real: the same output and gradients as SDPA either way
+    torch.manual_seed(0)
+    n, heads, frames, d = 40, 2, 6, 4
+    q, k, v = (torch.randn(n, heads, frames, d, requires_grad=True) for _ in range(3))
+    last = torch.randint(1, frames + 1, (n, 1)) if padded else torch.full((n, 1), frames)
+    keep = (torch.arange(frames) < last)[:, None, None, :]
+    assert bool(keep.all()) is not padded
+    grad_out = torch.randn(n, heads, frames, d)
+    results = []
+    for fn in (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.3),
+               lambda: trmisr._attention_cpu(q, k, v, keep, 0.3)):
+        out = fn()
+        results.append((out.detach(), torch.autograd.grad(out, (q, k, v), grad_out)))
+    (ref, ref_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for g, e in zip(got_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
 def _scene_crop(scene_dir, y0: int, x0: int, size: int, frames: int) -> tuple:
     """The ``frames`` clearest LR frames of a probav scene (raw uint16) and their QMs, cropped, and the
     matching HR crop in [0,1] and its status map."""
