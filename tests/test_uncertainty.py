@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -337,9 +338,11 @@ def test_a_scale_no_loss_trained_is_reported_as_such(synthetic_root, tmp_path, c
     assert uncertainty_trained(del_config) is False and uncertainty_trained({"config": None}) is None
 
 
-def test_the_scale_loss_on_detached_features_leaves_the_sr_as_registered_l1_trains_it(tmp_path):
+@pytest.mark.parametrize("cues", [False, True])
+def test_the_scale_loss_on_detached_features_leaves_the_sr_as_registered_l1_trains_it(tmp_path, cues):
     """``l1_reg_scale`` with ``scale_detached``: every SR weight after a few steps is what ``l1_reg`` gives
-    (bit for bit), while the uncertainty head, which ``l1_reg`` never reaches, is trained."""
+    (bit for bit), while the uncertainty head, which ``l1_reg`` never reaches, is trained; with the
+    texture cues (``scale_cues``) too, which read the SR detached."""
     from config import parse_args
     from engine.keeper import CheckpointKeeper
     from engine.trainer import Trainer
@@ -357,7 +360,8 @@ def test_the_scale_loss_on_detached_features_leaves_the_sr_as_registered_l1_trai
     for loss in ("l1_reg", "l1_reg_scale"):
         cfg = parse_args(["--model=piunet", "--device=cpu", "--n_frames=4", "--patch_size=8", "--batch_size=2",
                           '--model_args={"n_feats": 8, "n_tefa": 1, "r_bneck": 4, "skip": "baseline", '
-                          '"scale_detached": true}', f"--loss={loss}", "--lr=1e-2", "--channels_last=false"])
+                          f'"scale_detached": true, "scale_cues": {str(cues).lower()}}}', f"--loss={loss}", "--lr=1e-2",
+                          "--channels_last=false"])
         torch.manual_seed(0)
         trainer = Trainer(cfg, Dist(), torch.device("cpu"))
         it, keeper = iter(batches), CheckpointKeeper(tmp_path / loss, 0, 0.0)
@@ -365,6 +369,29 @@ def test_the_scale_loss_on_detached_features_leaves_the_sr_as_registered_l1_trai
             trainer.train_step(it, keeper)
         nets[loss] = dict(trainer.net.named_parameters())
     head = {k for k in nets["l1_reg"] if "sigma" in k}
+    assert any(k.startswith("cues_sigma") for k in head) is cues
     sr_part = [k for k in nets["l1_reg"] if k not in head]
     assert head and all(torch.equal(nets["l1_reg"][k], nets["l1_reg_scale"][k]) for k in sr_part)
     assert all(not torch.equal(nets["l1_reg"][k], nets["l1_reg_scale"][k]) for k in head if k.endswith("weight"))
+
+
+def test_texture_cues_start_at_nothing_and_follow_the_sr_contrast():
+    """``scale_cues`` adds a zero-initialised map of the cues: the first outputs are those of the model
+    without it; the cues are larger where the SR has more local contrast, and finite on a flat SR."""
+    from models import PIUnet
+    from models.piunet import CUE_WIDTHS, texture_cues
+    torch.manual_seed(0)
+    plain = PIUnet(n_feats=8, n_tefa=1, r_bneck=4, scale_detached=True).eval()
+    cued = PIUnet(n_feats=8, n_tefa=1, r_bneck=4, scale_detached=True, scale_cues=True).eval()
+    missing, unexpected = cued.load_state_dict(plain.state_dict(), strict=False)
+    assert set(missing) == {"cues_sigma.weight", "cues_sigma.bias"} and not unexpected
+    lr = torch.rand(2, 4, 10, 10)
+    a, b = plain.super_resolve(lr), cued.super_resolve(lr)
+    assert torch.equal(a["sr"], b["sr"]) and torch.equal(a["log_scale"], b["log_scale"])
+    mu = torch.zeros(1, 1, 30, 30)
+    mu[..., 15:] = 1.0  # one vertical edge
+    cues = texture_cues(mu, torch.zeros(1, 3, 10, 10), 3)
+    assert cues.shape == (1, len(CUE_WIDTHS) + 1, 30, 30) and torch.isfinite(cues).all()
+    for c in range(len(CUE_WIDTHS)):  # contrast: higher next to the edge than far from it
+        assert cues[0, c, 10, 14] > cues[0, c, 10, 0]
+    assert torch.equal(cues[0, -1], torch.full((30, 30), math.log(1e-3)))  # identical frames: no spread
