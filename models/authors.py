@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["exec_source", "read_json_section", "ViewsForward", "KerasNetwork", "legacy_keras"]
+__all__ = ["exec_source", "read_json_section", "ViewsForward", "views_network", "KerasNetwork", "legacy_keras"]
 
 
 def exec_source(path: str | Path, name: str) -> types.ModuleType:
@@ -66,6 +66,15 @@ class ViewsForward(nn.Module):
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         alphas = lr.new_ones(lr.shape[:2])
         return self.net(lr, alphas, **(self._extra(lr) if self._extra else {}))
+
+
+def views_network(checkout: str | Path, source: str, class_name: str, config: str, module_name: str,
+                  extra: Callable[[torch.Tensor], dict] | None = None) -> ViewsForward:
+    """The authors' PyTorch class ``class_name`` of their file ``source``, built from the ``network``
+    section of their JSON ``config`` (both relative to ``checkout``), behind :class:`ViewsForward`."""
+    root = Path(checkout)
+    mod = exec_source(root / source, module_name)
+    return ViewsForward(getattr(mod, class_name)(read_json_section(root / config, "network")), extra)
 
 
 @dataclass

@@ -248,9 +248,6 @@ def authors_network(checkout: str) -> nn.Module:
     """The authors' own HighRes-net (``src/DeepNetworks/HRNet.py``) at their ``config/config.json``,
     from a local checkout of ServiceNow/HighRes-net, behind ``forward(lr)`` (every view real); for
     benchmarks against their code. Their code is executed: use a checkout you trust. Never shipped here."""
-    from pathlib import Path
-
-    from .authors import ViewsForward, exec_source, read_json_section
-    root = Path(checkout)
-    mod = exec_source(root / "src" / "DeepNetworks" / "HRNet.py", "highresnet_authors")
-    return ViewsForward(mod.HRNet(read_json_section(root / "config" / "config.json", "network")))
+    from .authors import views_network
+    return views_network(checkout, "src/DeepNetworks/HRNet.py", "HRNet", "config/config.json",
+                         "highresnet_authors")

@@ -161,9 +161,5 @@ def authors_network(checkout: str) -> nn.Module:
     """The authors' own MISR-GRU (``src/DeepNetworks/MISRGRU.py``) at their ``config.json``, from a local
     checkout of rarefin/MISR-GRU, behind ``forward(lr)`` (every view real); for benchmarks against
     their code. Their code is executed: use a checkout you trust. Never shipped here."""
-    from pathlib import Path
-
-    from .authors import ViewsForward, exec_source, read_json_section
-    root = Path(checkout)
-    mod = exec_source(root / "src" / "DeepNetworks" / "MISRGRU.py", "misrgru_authors")
-    return ViewsForward(mod.MISRGRU(read_json_section(root / "config.json", "network")))
+    from .authors import views_network
+    return views_network(checkout, "src/DeepNetworks/MISRGRU.py", "MISRGRU", "config.json", "misrgru_authors")

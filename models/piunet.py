@@ -213,12 +213,9 @@ def authors_network(checkout: str) -> nn.Module:
     """The authors' own PIUnet class at their default configuration, from a local checkout of their
     repository (``Code/piunet/model.py``); for benchmarks against their code. Their code is
     executed: use a checkout you trust. Never shipped here."""
-    import importlib.util
-    import sys
     import types
     from pathlib import Path
-    spec = importlib.util.spec_from_file_location("piunet_ref", Path(checkout) / "Code" / "piunet" / "model.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["piunet_ref"] = mod
-    spec.loader.exec_module(mod)
+
+    from .authors import exec_source
+    mod = exec_source(Path(checkout) / "Code" / "piunet" / "model.py", "piunet_ref")
     return mod.PIUNET(types.SimpleNamespace(N_feat=42, R_bneck=8, N_tefa=16, N_heads=1))

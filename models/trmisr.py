@@ -261,10 +261,6 @@ def authors_network(checkout: str) -> nn.Module:
     ``config/config.json``, from a local checkout of Suanmd/TR-MISR, behind ``forward(lr)`` (every
     view real, no maps, ``K`` the frame side as their training and validation pass it); for benchmarks
     against their code. Their code is executed: use a checkout you trust. Never shipped here."""
-    from pathlib import Path
-
-    from .authors import ViewsForward, exec_source, read_json_section
-    root = Path(checkout)
-    mod = exec_source(root / "src" / "DeepNetworks" / "TRNet.py", "trmisr_authors")
-    net = mod.TRNet(read_json_section(root / "config" / "config.json", "network"))
-    return ViewsForward(net, lambda lr: {"maps": None, "K": lr.shape[-1]})
+    from .authors import views_network
+    return views_network(checkout, "src/DeepNetworks/TRNet.py", "TRNet", "config/config.json", "trmisr_authors",
+                         lambda lr: {"maps": None, "K": lr.shape[-1]})
