@@ -28,8 +28,15 @@ import numpy as np
 import torch
 
 from benchmarks import gpu_check, zoo
-from benchmarks.timing import (authors_config, device_name, reset_resident_peak, resident_peak_mib, sync, timeit,
-                               train_step_fn)
+from benchmarks.timing import (
+    authors_config,
+    device_name,
+    reset_resident_peak,
+    resident_peak_mib,
+    sync,
+    timeit,
+    train_step_fn,
+)
 
 
 def cpsnr_loop(sr: np.ndarray, hr: np.ndarray, sm: np.ndarray, border: int = 3) -> float:

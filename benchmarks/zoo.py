@@ -70,7 +70,7 @@ def _keras_train_step(net, lr: np.ndarray, hr: np.ndarray) -> Callable[[], None]
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.abs(net.model(x, training=True) - y))
         grads = tape.gradient(loss, net.model.trainable_variables)
-        opt.apply_gradients(zip(grads, net.model.trainable_variables))
+        opt.apply_gradients(zip(grads, net.model.trainable_variables, strict=True))
         return loss
 
     return lambda: step().numpy()
