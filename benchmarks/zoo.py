@@ -34,11 +34,18 @@ def add_arguments(p) -> None:
     p.add_argument("--ref", action="append", default=[], metavar="MODEL=DIR",
                    help="a local checkout of a zoo model's authors' code (repeatable); models without one are "
                         "timed on our side only")
-    p.add_argument("--models", default="highresnet,misrgru,trmisr,wdsr3d")
+    p.add_argument("--models", default=",".join(_zoo()), help="default: the zoo (the models scored on their "
+                                                                 "authors' own views, ModelSpec.views)")
     p.add_argument("--batch", type=int, default=2,
                    help="training samples per step (the authors' batches, 4 to 32, take minutes a step on a CPU)")
     p.add_argument("--repeat", type=int, default=3, help="timed rounds; each figure is the best round")
     p.add_argument("--device", default="cpu")
+
+
+def _zoo() -> list[str]:
+    """The zoo: the trainable models scored on their authors' own views (``ModelSpec.views``)."""
+    from models import MODELS
+    return [name for name, spec in MODELS.items() if spec.trainable and spec.views]
 
 
 def _best(fns: dict[str, Callable[[], None]], repeat: int, device) -> dict[str, float]:
