@@ -67,7 +67,7 @@ def bench_metric(args) -> None:
     hr_np, sr_np, sm_np = hr.numpy(), sr.numpy(), sm.numpy()
     t_loop = timeit(lambda: [cpsnr_loop(sr_np[i], hr_np[i], sm_np[i]) for i in range(n)], torch.device("cpu"), 1) / n
     ref = np.array([cpsnr_loop(sr_np[i], hr_np[i], sm_np[i]) for i in range(n)])
-    print(f"device: {device} ({torch.cuda.getdevice_name(device) if device.type == 'cuda' else 'CPU'}), "
+    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"cpsnr  loop oracle (numpy, float64, CPU): {t_loop * 1e3:8.2f} ms/scene")
     for dtype in (torch.float64, torch.float32):

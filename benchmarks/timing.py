@@ -95,6 +95,6 @@ def train_step_fn(model, name: str, batch: int, frames: int, patch: int, device,
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"cuda ({torch.cuda.getdevice_name(device)})"
+        return f"cuda ({torch.cuda.get_device_name(device)})"
     import platform
     return f"cpu ({platform.processor() or platform.machine()})"

@@ -83,12 +83,20 @@ def _keras_train_step(net, lr: np.ndarray, hr: np.ndarray) -> Callable[[], None]
     return lambda: step().numpy()
 
 
+def _in_training(model, step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with ``model`` in training mode (dropout, BatchNorm on the batch), whatever ran before."""
+    def run():
+        model.train()
+        step()
+    return run
+
+
 def _torch_scene(model, lr: torch.Tensor, qm: torch.Tensor, ours: bool, uses_masks: bool) -> Callable[[], None]:
     from engine.evaluate import super_resolve
-    model.eval()
 
     @torch.no_grad()
     def run():
+        model.eval()  # the step before it left the model training
         if ours:
             super_resolve(model, lr, qm)
         else:
@@ -108,7 +116,8 @@ def _sides(name: str, ref: str, batch: int, device) -> tuple[dict, dict, dict]:
     qm = torch.ones_like(scene)
     torch.manual_seed(0)
     ours = request_channels_last(build_model(name)).to(device).train()
-    train = {"ours": train_step_fn(ours, name, batch, frames, patch, device, "off", reference=False)}
+    train = {"ours": _in_training(ours, train_step_fn(ours, name, batch, frames, patch, device, "off",
+                                                      reference=False))}
     scenes = {"ours": _torch_scene(ours, scene, qm, True, spec.uses_masks)}
     if ref:
         theirs = spec.authors_network(ref)
@@ -121,13 +130,17 @@ def _sides(name: str, ref: str, batch: int, device) -> tuple[dict, dict, dict]:
             scenes["authors"] = lambda: theirs.infer(theirs.model, scene_np)
         else:
             theirs = theirs.to(device).train()
-            train["authors"] = train_step_fn(theirs, name, batch, frames, patch, device, "off", reference=True)
+            train["authors"] = _in_training(theirs, train_step_fn(theirs, name, batch, frames, patch, device, "off",
+                                                                  reference=True))
             scenes["authors"] = _torch_scene(theirs, scene, qm, False, spec.uses_masks)
     return train, scenes, dict(frames=frames, patch=patch, views=views)
 
 
 def main(args) -> None:
     device = torch.device(args.device)
+    bad = [r for r in args.ref if "=" not in r]
+    if bad:
+        raise SystemExit(f"--ref: {bad[0]!r} is not MODEL=DIR (e.g. --ref=trmisr=/src/TR-MISR)")
     refs = dict(r.split("=", 1) for r in args.ref)
     unknown = set(refs) - set(args.models.split(","))
     if unknown:
@@ -146,6 +159,6 @@ def main(args) -> None:
                 return f"{d['ours']:13.3f} {'-':>9s} {'-':>6s}"
             return f"{d['ours']:13.3f} {d['authors']:9.3f} {d['authors'] / d['ours']:5.2f}x"
         print(f"{name:10s} {size['frames']:3d} x {size['patch']:3d}x{size['patch']:<3d}    {cols(t)}   "
-              f"{size['views']:11d} {cols(s)[:13]}{cols(s)[13:]}", flush=True)
+              f"{size['views']:11d} {cols(s)}", flush=True)
         del train, scenes
     print("ratio: the authors' time over ours (above 1: ours is faster)")

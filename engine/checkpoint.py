@@ -40,7 +40,8 @@ from utils.runtime import atomic_torch_save, check_amp, resolve_device
 
 from .layout import RunFolder
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "load_for_eval",
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "load_initial_weights",
+           "load_for_eval",
            "EvalSetup", "unwrap", "uncertainty_trained", "losses_train_uncertainty", "untrained_scale_warning"]
 
 FORMAT = 2  # 2: RNG states as tensors and plain values (weights_only); 1: NumPy's RNG state as an array
@@ -167,6 +168,27 @@ def _misfit(path, name: str, model: nn.Module, state: dict) -> CheckpointError:
     fits = _fitting_models(state, but=name)
     hint = f"; these keys are a {fits[0]}'s: use --model={fits[0]}" if fits else ""
     return CheckpointError(f"{path}: the weights do not fit {name}({dict(model.kwargs)}): {'; '.join(parts)}{hint}")
+
+
+def load_initial_weights(net: nn.Module, path: str | os.PathLike, model_name: str, model_kwargs: dict) -> None:
+    """Start ``net`` from the weights of checkpoint ``path`` (``train.py --checkpoint``). Parts of
+    ``net`` that the checkpoint's model lacks are allowed when they start at nothing (the model's
+    ``neutral_keys``, e.g. PIUnet's ``scale_cues`` from a checkpoint trained without them): they keep
+    their initialisation.
+
+    Raises:
+        CheckpointError: naming ``path``: any other missing, unexpected or misshapen key.
+    """
+    init, _ = model_from_checkpoint(path, model_name, model_kwargs, expect=model_name)
+    state = init.state_dict()
+    neutral = set(getattr(net, "neutral_keys", ()))
+    missing = {k for k in net.state_dict() if k not in state}
+    if missing - neutral or any(k not in net.state_dict() for k in state):
+        raise _misfit(path, model_name, net, state)
+    try:
+        net.load_state_dict(state, strict=False)
+    except RuntimeError:  # a key of another shape
+        raise _misfit(path, model_name, net, state) from None
 
 
 def is_foreign(path: str | os.PathLike) -> bool:

@@ -47,7 +47,7 @@ from utils.runtime import (
     set_rng_state,
 )
 
-from .checkpoint import model_from_checkpoint
+from .checkpoint import load_initial_weights
 from .keeper import CheckpointKeeper, rank_value
 from .validation import validate
 
@@ -86,8 +86,7 @@ def build_network(cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
     kwargs = model_kwargs(cfg.model, cfg.model_args, cfg.n_frames)
     net = build_model(cfg.model, **kwargs)
     if cfg.checkpoint:
-        init, _ = model_from_checkpoint(cfg.checkpoint, cfg.model, kwargs, expect=cfg.model)
-        net.load_state_dict(init.state_dict())
+        load_initial_weights(net, cfg.checkpoint, cfg.model, kwargs)
     if dist.enabled and device.type == "cuda":
         # BatchNorm statistics over the global batch; gloo (CPU) has no SyncBatchNorm, where each
         # process normalises its own micro-batch (as gradient accumulation does on one process)

@@ -35,10 +35,10 @@ def is_channels_last(x: torch.Tensor) -> bool:
 
 
 def request_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Ask QA-Net or PIUnet to lay out its features channels-last (NHWC), the layout that oneDNN
-    (CPU) and tensor cores (CUDA) convolve fastest. Only sets the flag ``model.memory_format`` that
-    the forward reads: the weights stay as they are and nothing is copied now. The same numerics up
-    to float rounding; returns ``model``."""
+    """Ask QA-Net, PIUnet or 3DWDSRNet to lay out its features channels-last (NHWC; NDHWC for
+    3DWDSRNet's volumes), the layout that oneDNN (CPU) and tensor cores (CUDA) convolve fastest.
+    Only sets the flag ``model.memory_format`` that the forward reads: the weights stay as they are
+    and nothing is copied now. The same numerics up to float rounding; returns ``model``."""
     model.memory_format = torch.channels_last if enabled else torch.contiguous_format
     return model
 

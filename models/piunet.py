@@ -141,6 +141,8 @@ class PIUnet(nn.Module):
             raise ValueError(f"piunet: skip must be 'bilinear' or 'baseline', got {skip!r}")
         c, self.scale, self.skip, self.scale_detached = n_feats, scale, skip, scale_detached
         self.scale_cues = scale_cues
+        # what a checkpoint trained without the cues may leave at its initialisation (zero: no effect)
+        self.neutral_keys = ("cues_sigma.weight", "cues_sigma.bias") if scale_cues else ()
         self.conv_in = FrameConv(1, c)
         self.tran_in = FrameAttention(c, n_heads)
         self.norm00 = nn.BatchNorm2d(c)

@@ -167,17 +167,18 @@ def test_qanet_rejects_wrong_frame_count():
         QANet(**TINY["qanet"])(torch.rand(1, 5, 8, 8), torch.ones(1, 5, 8, 8))
 
 
-@pytest.mark.parametrize("name", ["qanet", "piunet"])
+@pytest.mark.parametrize("name", ["qanet", "piunet", "wdsr3d"])
 def test_channels_last_layout_gives_the_same_outputs_and_gradients(name):
     import copy
 
     from models import request_channels_last
     torch.manual_seed(0)
-    kw = dict(n_modules=2, n_resblocks=1, n_feats=8, reduction=4) if name == "qanet" else dict(n_feats=8, n_tefa=1,
-                                                                                               r_bneck=4)
+    kw = {"qanet": dict(n_modules=2, n_resblocks=1, n_feats=8, reduction=4),
+          "piunet": dict(n_feats=8, n_tefa=1, r_bneck=4), "wdsr3d": dict(n_feats=8, n_resblocks=2, expansion=2)}[name]
     a = build_model(name, **kw)
     b = request_channels_last(copy.deepcopy(a))
-    lr, qm = torch.rand(2, 9, 12, 20), (torch.rand(2, 9, 12, 20) > 0.2).float()
+    frames = 7 if name == "wdsr3d" else 9
+    lr, qm = torch.rand(2, frames, 12, 20), (torch.rand(2, frames, 12, 20) > 0.2).float()
     for mode in ("train", "eval"):
         a.train(mode == "train")
         b.train(mode == "train")

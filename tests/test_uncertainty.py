@@ -395,3 +395,28 @@ def test_texture_cues_start_at_nothing_and_follow_the_sr_contrast():
     for c in range(len(CUE_WIDTHS)):  # contrast: higher next to the edge than far from it
         assert cues[0, c, 10, 14] > cues[0, c, 10, 0]
     assert torch.equal(cues[0, -1], torch.full((30, 30), math.log(1e-3)))  # identical frames: no spread
+
+
+def test_a_run_with_cues_starts_from_a_checkpoint_without_them(tmp_path):
+    """``train.py --checkpoint`` of a PIUnet trained without ``scale_cues`` into one with them: every
+    weight it has is taken, the cues stay at zero; a checkpoint that misses any other part is refused,
+    naming the file."""
+    from engine.checkpoint import CheckpointError, load_initial_weights
+    from models import build_model
+    torch.manual_seed(0)
+    small = dict(n_feats=8, n_tefa=1, r_bneck=4, scale_detached=True)
+    old = build_model("piunet", **small)
+    path = tmp_path / "old.pt"
+    torch.save({"model_name": "piunet", "model_kwargs": dict(old.kwargs), "model": old.state_dict(), "config": None},
+               path)
+    new = build_model("piunet", **small, scale_cues=True)
+    load_initial_weights(new, path, "piunet", dict(new.kwargs))
+    state = new.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in old.state_dict().items())
+    assert not state["cues_sigma.weight"].any() and not state["cues_sigma.bias"].any()
+    wider = build_model("piunet", n_feats=12, n_tefa=1, r_bneck=4, scale_detached=True)
+    with pytest.raises(CheckpointError, match="old.pt.*do not fit"):
+        load_initial_weights(wider, path, "piunet", dict(small))
+    deeper = build_model("piunet", n_feats=8, n_tefa=2, r_bneck=4, scale_detached=True)
+    with pytest.raises(CheckpointError, match="old.pt.*missing key"):
+        load_initial_weights(deeper, path, "piunet", dict(small))

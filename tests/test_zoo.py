@@ -236,7 +236,7 @@ def test_trmisr_cpu_attention_matches_sdpa(padded):
     grad_out = torch.randn(n, heads, frames, d)
     results = []
     for fn in (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.3),
-               lambda: trmisr._attention_cpu(q, k, v, keep, 0.3)):
+               lambda: trmisr._attention_cpu(q, k, v, keep if padded else None, 0.3)):
         out = fn()
         results.append((out.detach(), torch.autograd.grad(out, (q, k, v), grad_out)))
     (ref, ref_grads), (got, got_grads) = results
