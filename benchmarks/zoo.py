@@ -140,7 +140,7 @@ def main(args) -> None:
     device = torch.device(args.device)
     bad = [r for r in args.ref if "=" not in r]
     if bad:
-        raise SystemExit(f"--ref: {bad[0]!r} is not MODEL=DIR (e.g. --ref=trmisr=/src/TR-MISR)")
+        raise SystemExit(f"--ref: {bad[0]!r} is not MODEL=DIR (a registry name, then the checkout's folder)")
     refs = dict(r.split("=", 1) for r in args.ref)
     unknown = set(refs) - set(args.models.split(","))
     if unknown:
