@@ -81,6 +81,7 @@ def train_step_fn(model, name: str, batch: int, frames: int, patch: int, device,
     fwd = cuda_graphed(core, (lr, qm), amp) if graphs else core
 
     def step():
+        model.train()  # whatever ran before it (a full-scene evaluation) left the mode in
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = fwd(lr, qm)

@@ -83,14 +83,6 @@ def _keras_train_step(net, lr: np.ndarray, hr: np.ndarray) -> Callable[[], None]
     return lambda: step().numpy()
 
 
-def _in_training(model, step: Callable[[], None]) -> Callable[[], None]:
-    """``step`` with ``model`` in training mode (dropout, BatchNorm on the batch), whatever ran before."""
-    def run():
-        model.train()
-        step()
-    return run
-
-
 def _torch_scene(model, lr: torch.Tensor, qm: torch.Tensor, ours: bool, uses_masks: bool) -> Callable[[], None]:
     from engine.evaluate import super_resolve
 
@@ -115,9 +107,8 @@ def _sides(name: str, ref: str, batch: int, device) -> tuple[dict, dict, dict]:
     scene = torch.rand(1, views, 128, 128, generator=g).to(device)
     qm = torch.ones_like(scene)
     torch.manual_seed(0)
-    ours = request_channels_last(build_model(name)).to(device).train()
-    train = {"ours": _in_training(ours, train_step_fn(ours, name, batch, frames, patch, device, "off",
-                                                      reference=False))}
+    ours = request_channels_last(build_model(name)).to(device)
+    train = {"ours": train_step_fn(ours, name, batch, frames, patch, device, "off", reference=False)}
     scenes = {"ours": _torch_scene(ours, scene, qm, True, spec.uses_masks)}
     if ref:
         theirs = spec.authors_network(ref)
@@ -127,11 +118,10 @@ def _sides(name: str, ref: str, batch: int, device) -> tuple[dict, dict, dict]:
             hr = torch.rand(batch, 1, 3 * patch, 3 * patch, generator=g).numpy()
             train["authors"] = _keras_train_step(theirs, tile, hr)
             scene_np = scene.cpu().numpy()
-            scenes["authors"] = lambda: theirs.infer(theirs.model, scene_np)
+            scenes["authors"] = lambda: theirs.infer(scene_np)
         else:
-            theirs = theirs.to(device).train()
-            train["authors"] = _in_training(theirs, train_step_fn(theirs, name, batch, frames, patch, device, "off",
-                                                                  reference=True))
+            theirs = theirs.to(device)
+            train["authors"] = train_step_fn(theirs, name, batch, frames, patch, device, "off", reference=True)
             scenes["authors"] = _torch_scene(theirs, scene, qm, False, spec.uses_masks)
     return train, scenes, dict(frames=frames, patch=patch, views=views)
 

@@ -181,9 +181,8 @@ def load_initial_weights(net: nn.Module, path: str | os.PathLike, model_name: st
     """
     init, _ = model_from_checkpoint(path, model_name, model_kwargs, expect=model_name)
     state = init.state_dict()
-    neutral = set(getattr(net, "neutral_keys", ()))
-    missing = {k for k in net.state_dict() if k not in state}
-    if missing - neutral or any(k not in net.state_dict() for k in state):
+    keys = net.state_dict().keys()
+    if (keys - state.keys()) - set(getattr(net, "neutral_keys", ())) or state.keys() - keys:
         raise _misfit(path, model_name, net, state)
     try:
         net.load_state_dict(state, strict=False)

@@ -30,12 +30,18 @@ import torch.nn as nn
 __all__ = ["exec_source", "read_json_section", "ViewsForward", "views_network", "KerasNetwork", "legacy_keras"]
 
 
-def exec_source(path: str | Path, name: str) -> types.ModuleType:
-    """Execute the Python file ``path`` as module ``name`` (registered in ``sys.modules``, where
-    pickling and ``torch.compile`` look modules up). A missing file is a FileNotFoundError naming it."""
+def _authors_file(path: str | Path) -> Path:
+    """``path`` as a Path; a missing file is a FileNotFoundError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; is the checkout the authors' repository?")
+    return path
+
+
+def exec_source(path: str | Path, name: str) -> types.ModuleType:
+    """Execute the Python file ``path`` as module ``name`` (registered in ``sys.modules``, where
+    pickling and ``torch.compile`` look modules up). A missing file is a FileNotFoundError naming it."""
+    path = _authors_file(path)
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
@@ -45,9 +51,7 @@ def exec_source(path: str | Path, name: str) -> types.ModuleType:
 
 def read_json_section(path: str | Path, key: str) -> dict:
     """The ``key`` section of the authors' JSON configuration file ``path``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; is the checkout the authors' repository?")
+    path = _authors_file(path)
     config = json.loads(path.read_text())
     if key not in config:
         raise ValueError(f"{path}: no {key!r} section")
@@ -85,13 +89,13 @@ class KerasNetwork:
         model: the ``tf.keras.Model``.
         inputs: ``f(lr)`` with ``lr (B,T,h,w)`` float32 NumPy frames in [0,1] (tiles already cut where
             the authors' inference cuts them) -> the list of arrays the model is called on.
-        infer: ``f(model, lr)`` with ``lr (1,T,128,128)`` -> the authors' full-scene SR, their own
-            inference (tiling, clipping) around their network.
+        infer: ``f(lr)`` with ``lr (1,T,128,128)`` -> the authors' full-scene SR by ``model``, their
+            own inference (tiling, clipping) around their network.
     """
 
     model: Any
     inputs: Callable[[np.ndarray], list]
-    infer: Callable[[Any, np.ndarray], Any]
+    infer: Callable[[np.ndarray], Any]
 
 
 def legacy_keras() -> None:

@@ -320,7 +320,7 @@ def authors_network(checkout: str):
         frames = np.ascontiguousarray(lr.transpose(0, 2, 3, 1)[..., None] * FULL_SCALE, dtype=np.float32)
         return [frames, frames.mean(3)]
 
-    def infer(model, lr: np.ndarray):
+    def infer(lr: np.ndarray):
         padded = np.pad(lr[0], ((0, 0), (1, 1), (1, 1)), mode="reflect")  # (7, 130, 130)
         tiles = np.stack([padded[:, r:r + 34, c:c + 34] for r in range(0, 128, 32) for c in range(0, 128, 32)])
         frames, mean = inputs(tiles)
