@@ -369,32 +369,40 @@ def test_the_scale_loss_on_detached_features_leaves_the_sr_as_registered_l1_trai
             trainer.train_step(it, keeper)
         nets[loss] = dict(trainer.net.named_parameters())
     head = {k for k in nets["l1_reg"] if "sigma" in k}
-    assert any(k.startswith("cues_sigma") for k in head) is cues
+    assert any(k.startswith("sigma_cues") for k in head) is cues
     sr_part = [k for k in nets["l1_reg"] if k not in head]
     assert head and all(torch.equal(nets["l1_reg"][k], nets["l1_reg_scale"][k]) for k in sr_part)
     assert all(not torch.equal(nets["l1_reg"][k], nets["l1_reg_scale"][k]) for k in head if k.endswith("weight"))
 
 
-def test_texture_cues_start_at_nothing_and_follow_the_sr_contrast():
+def test_error_cues_start_at_nothing_and_follow_the_sr_contrast_and_the_frames():
     """``scale_cues`` adds a zero-initialised map of the cues: the first outputs are those of the model
-    without it; the cues are larger where the SR has more local contrast, and finite on a flat SR."""
+    without it; the contrast cues are larger where the SR has more local contrast, and finite on a
+    flat SR; the frames' cue is at its floor for frames that are the SR downscaled (up to each
+    frame's brightness), and rises where one frame departs from it."""
     from models import PIUnet
-    from models.piunet import CUE_WIDTHS, texture_cues
+    from models.piunet import CUE_WIDTHS, error_cues
     torch.manual_seed(0)
     plain = PIUnet(n_feats=8, n_tefa=1, r_bneck=4, scale_detached=True).eval()
     cued = PIUnet(n_feats=8, n_tefa=1, r_bneck=4, scale_detached=True, scale_cues=True).eval()
     missing, unexpected = cued.load_state_dict(plain.state_dict(), strict=False)
-    assert set(missing) == {"cues_sigma.weight", "cues_sigma.bias"} and not unexpected
+    assert set(missing) == {"sigma_cues.weight", "sigma_cues.bias"} and not unexpected
     lr = torch.rand(2, 4, 10, 10)
     a, b = plain.super_resolve(lr), cued.super_resolve(lr)
     assert torch.equal(a["sr"], b["sr"]) and torch.equal(a["log_scale"], b["log_scale"])
     mu = torch.zeros(1, 1, 30, 30)
     mu[..., 15:] = 1.0  # one vertical edge
-    cues = texture_cues(mu, torch.zeros(1, 3, 10, 10), 3)
+    frames = torch.nn.functional.avg_pool2d(mu, 3).expand(1, 3, 10, 10) + torch.tensor([0.0, 0.3, -0.2])[:, None, None]
+    cues = error_cues(mu, frames, 3)
     assert cues.shape == (1, len(CUE_WIDTHS) + 1, 30, 30) and torch.isfinite(cues).all()
     for c in range(len(CUE_WIDTHS)):  # contrast: higher next to the edge than far from it
         assert cues[0, c, 10, 14] > cues[0, c, 10, 0]
-    assert torch.equal(cues[0, -1], torch.full((30, 30), math.log(1e-3)))  # identical frames: no spread
+    floor = torch.full((30, 30), math.log(1e-3))
+    assert torch.allclose(cues[0, -1], floor)  # every frame is the SR downscaled, brighter or darker
+    frames = frames.clone()
+    frames[0, 1, 2, 2] += 1.0  # one frame sees something the SR does not show
+    cues = error_cues(mu, frames, 3)
+    assert cues[0, -1, 7, 7] > cues[0, -1, 25, 25] + 3  # there, not across the frame (e^3: 20 times)
 
 
 def test_a_run_with_cues_starts_from_a_checkpoint_without_them(tmp_path):
@@ -413,7 +421,7 @@ def test_a_run_with_cues_starts_from_a_checkpoint_without_them(tmp_path):
     load_initial_weights(new, path, "piunet", dict(new.kwargs))
     state = new.state_dict()
     assert all(torch.equal(state[k], v) for k, v in old.state_dict().items())
-    assert not state["cues_sigma.weight"].any() and not state["cues_sigma.bias"].any()
+    assert not state["sigma_cues.weight"].any() and not state["sigma_cues.bias"].any()
     wider = build_model("piunet", n_feats=12, n_tefa=1, r_bneck=4, scale_detached=True)
     with pytest.raises(CheckpointError, match="old.pt.*do not fit"):
         load_initial_weights(wider, path, "piunet", dict(small))
