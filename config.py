@@ -199,7 +199,7 @@ PRESETS: dict[str, dict] = {
     # that starts from the ESA baseline and learns a residual on it, flips/rotations, a moving
     # average of the weights, best.pt chosen on 10% of the train scenes held out; about 17 minutes
     # of training on 2 cores, stopped at 26 minutes on a slower machine. The uncertainty head learns
-    # the SR's error (l1_reg_scale) on detached features, with texture cues at the SR's resolution
+    # the SR's error (l1_reg_scale) on detached features, with error cues at the SR's resolution
     # (scale_cues): only registered L1 reaches the SR.
     "cpu_real": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4, skip="baseline",
                                                     scale_detached=True, scale_cues=True), augment=True,

@@ -342,7 +342,7 @@ def test_a_scale_no_loss_trained_is_reported_as_such(synthetic_root, tmp_path, c
 def test_the_scale_loss_on_detached_features_leaves_the_sr_as_registered_l1_trains_it(tmp_path, cues):
     """``l1_reg_scale`` with ``scale_detached``: every SR weight after a few steps is what ``l1_reg`` gives
     (bit for bit), while the uncertainty head, which ``l1_reg`` never reaches, is trained; with the
-    texture cues (``scale_cues``) too, which read the SR detached."""
+    error cues (``scale_cues``) too, which read the SR detached."""
     from config import parse_args
     from engine.keeper import CheckpointKeeper
     from engine.trainer import Trainer
