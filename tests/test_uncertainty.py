@@ -405,6 +405,20 @@ def test_error_cues_start_at_nothing_and_follow_the_sr_contrast_and_the_frames()
     assert cues[0, -1, 7, 7] > cues[0, -1, 25, 25] + 3  # there, not across the frame (e^3: 20 times)
 
 
+def test_a_checkpoint_of_the_earlier_cues_is_refused_naming_the_file(tmp_path):
+    """The first ``scale_cues`` read the frames' spread where the cues now read their disagreement
+    with the SR, through a convolution named ``cues_sigma``: such a checkpoint would give a wrong
+    scale, so ``valid.py``/``predict.py`` refuse it, naming the file and the key, rather than read it."""
+    from engine.checkpoint import CheckpointError, model_from_checkpoint
+    from models import build_model
+    model = build_model("piunet", n_feats=8, n_tefa=1, r_bneck=4, scale_detached=True, scale_cues=True)
+    state = {k.replace("sigma_cues", "cues_sigma"): v for k, v in model.state_dict().items()}
+    path = tmp_path / "earlier_cues.pt"
+    torch.save({"model_name": "piunet", "model_kwargs": dict(model.kwargs), "model": state, "config": None}, path)
+    with pytest.raises(CheckpointError, match="earlier_cues.pt.*cues_sigma"):
+        model_from_checkpoint(path)
+
+
 def test_a_run_with_cues_starts_from_a_checkpoint_without_them(tmp_path):
     """``train.py --checkpoint`` of a PIUnet trained without ``scale_cues`` into one with them: every
     weight it has is taken, the cues stay at zero; a checkpoint that misses any other part is refused,
