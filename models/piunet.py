@@ -84,6 +84,12 @@ class TERN(nn.Module):
 CUE_WIDTHS = (3, 9, 19)
 
 
+def _upscale(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Bilinear upscaling by ``scale`` (half-pixel centres), the one PIUnet uses for frames, features
+    and cues alike."""
+    return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+
+
 def _box_mean(x: torch.Tensor, width: int) -> torch.Tensor:
     """Mean of ``x (B,1,H,W)`` over a ``width`` x ``width`` window (the part inside the image at the
     borders), as two 1-D passes: O(width) per pixel, not O(width**2)."""
@@ -99,8 +105,7 @@ def frame_disagreement(mu: torch.Tensor, lrs: torch.Tensor, scale: int) -> torch
     ``mu (B,1,H,W)`` and ``lrs (B,T,h,w)`` in the same (standardised) units, ``H = scale*h``."""
     diff = lrs - F.avg_pool2d(mu, scale)
     diff = diff - diff.mean((2, 3), keepdim=True)
-    return F.interpolate(diff.abs().mean(1, keepdim=True), scale_factor=scale, mode="bilinear",
-                         align_corners=False)
+    return _upscale(diff.abs().mean(1, keepdim=True), scale)
 
 
 def error_cues(mu: torch.Tensor, lrs: torch.Tensor, scale: int) -> torch.Tensor:
@@ -177,7 +182,7 @@ class PIUnet(nn.Module):
             nn.init.zeros_(self.conv_d2s_mu.bias)
 
     def _up(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        return _upscale(x, self.scale)
 
     def forward(self, lrs: torch.Tensor, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``lrs (B,T,h,w)`` standardised -> ``(mu, s)``; ``base (B,1,3h,3w)`` standardised is the
