@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 
 from data import BANDS, FRAME_ORDERS, PATCHES, SELECTIONS, SPLITS, dataset_options
-from models import MODELS, model_kwargs
+from models import MODELS, model_kwargs, spec_of
 from utils.losses import LOSSES
 from utils.runtime import AMP_DTYPES
 
@@ -107,6 +107,9 @@ class Config:
     loss: str = opt("cpsnr", "the training loss (utils.losses.LOSSES)")
     warmup_loss: str = opt("", "a loss used for the first warmup_epochs epochs (PIUnet: l1_reg)")
     warmup_epochs: int = opt(0, "epochs trained with warmup_loss")
+    scale_fit_epochs: int = opt(0, "after training, passes over the full training scenes fitting the last layers "
+                                   "of best.pt's uncertainty, the SR frozen (engine.scale_fit; 0: off)")
+    scale_fit_lr: float = opt(1e-2, "Adam learning rate of that fit")
 
     # --- logging and evaluation --------------------------------------------------------------------
     val_every: int = opt(5, "epochs between validations (and best.pt updates)")
@@ -206,7 +209,7 @@ PRESETS: dict[str, dict] = {
                      ema=0.995, holdout_fraction=0.1, device="cpu", max_minutes=26.0, epochs=45, batch_size=8,
                      repeats=4, train_selection="clearest", val_selection="clearest", fill_clouds=True, lr=1e-3,
                      weight_decay=0.0, lr_milestones=(34,), lr_gamma=0.2, loss="l1_reg_scale", val_every=10,
-                     num_workers=0, patches="random", frame_order="selection"),
+                     num_workers=0, patches="random", frame_order="selection", scale_fit_epochs=3),
     # Real scenes on a CPU in under 30 minutes, QA-Net: a reduced QA-Net (2 LEM/QEM pairs of two RCABs,
     # 24 features) that starts from the ESA baseline of its frames and learns a residual on it in
     # standardised units (frames in and residual out in units of the dataset's standard deviation),
@@ -296,6 +299,10 @@ def _check(cfg: Config) -> Config:
                 "log_every", "val_batch_size", "window", "window_stride"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be at least 1")
+    if cfg.scale_fit_epochs < 0:
+        raise ConfigError(f"scale_fit_epochs={cfg.scale_fit_epochs} must be 0 (off) or more")
+    if cfg.scale_fit_epochs and not spec_of(cfg.model).uncertainty:
+        raise ConfigError(f"scale_fit_epochs={cfg.scale_fit_epochs}: {cfg.model} has no uncertainty output to fit")
     if not 0.0 <= cfg.ema < 1.0:
         raise ConfigError(f"ema={cfg.ema} must lie in [0, 1): the decay of the weights' moving average")
     for key in ("min_clear", "min_frame_clearance", "holdout_fraction", "window_min_clear"):

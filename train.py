@@ -27,6 +27,7 @@ from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.keeper import CheckpointKeeper
 from engine.layout import RunFolder
 from engine.plan import format_plan, make_plan
+from engine.scale_fit import fit_best_scale
 from engine.trainer import Trainer, TrainingDiverged, check_placement
 from engine.validation import describe
 from models import spec_of
@@ -148,9 +149,31 @@ def _train(cfg: Config, ckpt: dict | None, dist: Dist, device: torch.device) -> 
             keeper.save_last(trainer)
             summary = validate_and_keep()
             keeper.save_last(trainer)
+    if cfg.scale_fit_epochs:
+        fit_final_scale(cfg, keeper.best, dist, device)
     if dist.main:
         report(trainer.run, summary)
     return trainer.run, keeper
+
+
+def fit_final_scale(cfg: Config, best: Path, dist: Dist, device: torch.device) -> None:
+    """Fit the last layers of ``best.pt``'s uncertainty on the full training scenes
+    (:mod:`engine.scale_fit`), on rank 0 while the others wait; log the loss of each pass. Ctrl-C
+    leaves ``best.pt`` as trained, and ``--resume`` of the run fits it."""
+    if dist.main:
+        try:
+            record = fit_best_scale(cfg, best, device)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {best} is kept as trained, its scale not fitted; fit it with: "
+                  f"python train.py --out_dir={cfg.out_dir} --resume")
+            raise SystemExit(INTERRUPTED) from None
+        if record is not None:
+            with EventWriter(cfg.out_dir) as writer:
+                for i, loss in enumerate(record["loss"]):
+                    writer.add_scalar("scale_fit/loss", loss, i + 1)
+            print(f"scale fitted on {record['scenes']} full training scenes ({record['epochs']} passes, Adam "
+                  f"{record['lr']:g}): Laplace loss {record['loss'][0]:.4f} -> {record['loss'][-1]:.4f}; {best}")
+    dist.barrier()
 
 
 def open_run(trainer: Trainer, train_ds: ProbaVDataset, val_ds: ProbaVDataset):

@@ -158,6 +158,8 @@ class PIUnet(nn.Module):
         self.scale_cues = scale_cues
         # what a checkpoint trained without the cues may leave at its initialisation (zero: no effect)
         self.neutral_keys = ("sigma_cues.weight", "sigma_cues.bias") if scale_cues else ()
+        # what a final fit of the scale on full scenes adjusts (engine.scale_fit): its last layers
+        self.scale_fit_layers = ("conv_out_sigma", "sigma_cues") if scale_cues else ("conv_out_sigma",)
         self.conv_in = FrameConv(1, c)
         self.tran_in = FrameAttention(c, n_heads)
         self.norm00 = nn.BatchNorm2d(c)
