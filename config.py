@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 
 from data import BANDS, FRAME_ORDERS, PATCHES, SELECTIONS, SPLITS, dataset_options
-from models import MODELS, model_kwargs, spec_of
+from models import MODELS, model_kwargs
 from utils.losses import LOSSES
 from utils.runtime import AMP_DTYPES
 
@@ -301,8 +301,6 @@ def _check(cfg: Config) -> Config:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be at least 1")
     if cfg.scale_fit_epochs < 0:
         raise ConfigError(f"scale_fit_epochs={cfg.scale_fit_epochs} must be 0 (off) or more")
-    if cfg.scale_fit_epochs and not spec_of(cfg.model).uncertainty:
-        raise ConfigError(f"scale_fit_epochs={cfg.scale_fit_epochs}: {cfg.model} has no uncertainty output to fit")
     if not 0.0 <= cfg.ema < 1.0:
         raise ConfigError(f"ema={cfg.ema} must lie in [0, 1): the decay of the weights' moving average")
     for key in ("min_clear", "min_frame_clearance", "holdout_fraction", "window_min_clear"):

@@ -72,14 +72,22 @@ def resolve_config(command: CommandLine, run: Path) -> tuple[Config, dict | None
     if not cfg.resume:
         if last.exists():
             raise ConfigError(f"{last} exists: continue that run with --resume, or choose another --out_dir")
-        return cfg, None
+        return check_scale_fit(cfg), None
     ckpt = load_checkpoint(last)
     base = Config.from_dict(ckpt["config"])
     # the run's own config, changed only where the command line says so (e.g. more epochs)
     cfg = command.onto(base, resume=True, out_dir=cfg.out_dir)
     if cfg.model != base.model or cfg.model_args != base.model_args:
         raise ConfigError("--resume cannot change the model; start a new run with --checkpoint instead")
-    return cfg, ckpt
+    return check_scale_fit(cfg), ckpt
+
+
+def check_scale_fit(cfg: Config) -> Config:
+    """``cfg``, or a ConfigError where ``scale_fit_epochs`` asks to fit a model without uncertainty
+    (checked on the run's own model: with --resume, the checkpoint's)."""
+    if cfg.scale_fit_epochs and not spec_of(cfg.model).uncertainty:
+        raise ConfigError(f"scale_fit_epochs={cfg.scale_fit_epochs}: {cfg.model} has no uncertainty output to fit")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -59,11 +59,12 @@ def test_the_fit_moves_the_scale_alone_and_lowers_its_loss():
 
 
 def test_a_model_without_uncertainty_has_no_scale_to_fit():
+    import train
     from config import ConfigError, parse_args
     from engine.scale_fit import scale_parameters
     from models import build_model
     with pytest.raises(ConfigError, match="qanet has no uncertainty"):
-        parse_args(["--model=qanet", "--scale_fit_epochs=2"])
+        train.main(["--model=qanet", "--scale_fit_epochs=2", "--plan"])
     with pytest.raises(ConfigError, match="must be 0"):
         parse_args(["--model=piunet", "--scale_fit_epochs=-1"])
     with pytest.raises(ValueError, match="no scale_fit_layers"):
