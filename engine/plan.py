@@ -58,6 +58,9 @@ def make_plan(cfg, world: int | None = None) -> dict:
         "val_every_epochs": cfg.val_every, "val_split": cfg.split,
         "best_pt_chosen_on": f"{metric} of the {'holdout' if holdout is not None else cfg.split} split "
                              f"({len(chooser.keys)} scenes, bands {'+'.join(chooser.bands)})",
+        "scale_fit": (f"then {cfg.scale_fit_epochs} pass(es) over the {len(train.scenes)} full training scenes "
+                      f"fitting best.pt's uncertainty (Adam {cfg.scale_fit_lr:g}, the SR frozen)"
+                      if cfg.scale_fit_epochs else "none"),
     }
 
 
@@ -81,5 +84,6 @@ def format_plan(plan: dict) -> str:
               f"validation: every {plan['val_every_epochs']} epoch(s) on the {plan['val_split']} split "
               f"({plan['validations']} in all)",
               f"best.pt: {plan['best_pt_chosen_on']}",
+              f"scale fit: {plan['scale_fit']}",
               json.dumps(plan, separators=(",", ":"))]
     return "\n".join(lines)

@@ -96,3 +96,43 @@ def test_train_fits_best_pt_once_and_leaves_the_sr_and_last_pt(synthetic_root, t
     stamp = (runs[2] / "best.pt").stat().st_mtime_ns
     train.main([f"--out_dir={tmp_path / 'fit2'}", "--resume"])
     assert (runs[2] / "best.pt").stat().st_mtime_ns == stamp
+
+
+def test_the_plan_says_what_the_fit_will_read(synthetic_root, tmp_path, capsys):
+    import json
+
+    import train
+    common = common_args(synthetic_root, tmp_path) + TINY_PIUNET + [f"--out_dir={tmp_path / 'run'}", "--plan"]
+    for extra, says in (([], "none"), (["--scale_fit_epochs=2", "--band=RED"],
+                                        "then 2 pass(es) over the 3 full training scenes fitting best.pt's "
+                                        "uncertainty (Adam 0.01, the SR frozen)")):
+        train.main(common + extra)
+        out = capsys.readouterr().out.strip().splitlines()
+        assert json.loads(out[-1])["scale_fit"] == says and f"scale fit: {says}" in out
+
+
+def test_ctrl_c_during_the_fit_keeps_best_pt_and_resume_fits_it(synthetic_root, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the scale is fitted: exit status 130, best.pt as trained (no record), and the
+    message says how to finish; ``--resume`` then fits it."""
+    import engine.scale_fit
+    import train
+    from engine.checkpoint import load_checkpoint
+    out = tmp_path / "run"
+    real = engine.scale_fit.fit_scale
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.scale_fit, "fit_scale", interrupted)
+    args = common_args(synthetic_root, tmp_path) + TINY_PIUNET + [CUED, "--epochs=1", "--holdout_fraction=0",
+                                                                  "--band=RED", f"--out_dir={out}",
+                                                                  "--scale_fit_epochs=1"]
+    with pytest.raises(SystemExit) as stop:
+        train.main(args)
+    assert stop.value.code == train.INTERRUPTED
+    assert "its scale not fitted" in capsys.readouterr().out
+    best = out / "checkpoints" / "best.pt"
+    assert "scale_fit" not in load_checkpoint(best)
+    monkeypatch.setattr(engine.scale_fit, "fit_scale", real)
+    train.main([f"--out_dir={out}", "--resume"])
+    assert load_checkpoint(best)["scale_fit"]["epochs"] == 1
