@@ -107,8 +107,9 @@ class Config:
     loss: str = opt("cpsnr", "the training loss (utils.losses.LOSSES)")
     warmup_loss: str = opt("", "a loss used for the first warmup_epochs epochs (PIUnet: l1_reg)")
     warmup_epochs: int = opt(0, "epochs trained with warmup_loss")
-    scale_fit_epochs: int = opt(0, "after training, passes over the full training scenes fitting the last layers "
-                                   "of best.pt's uncertainty, the SR frozen (engine.scale_fit; 0: off)")
+    scale_fit_epochs: int = opt(0, "after training, passes over the full training scenes (val_batch_size per step) "
+                                   "fitting the last layers of best.pt's uncertainty, the SR frozen "
+                                   "(engine.scale_fit; 0: off)")
     scale_fit_lr: float = opt(1e-2, "Adam learning rate of that fit")
 
     # --- logging and evaluation --------------------------------------------------------------------
@@ -200,10 +201,11 @@ PRESETS: dict[str, dict] = {
                  num_workers=0, patches="random", frame_order="selection"),
     # Real scenes (../shared/probav or any small root) on a CPU in under 30 minutes: a small PIUnet
     # that starts from the ESA baseline and learns a residual on it, flips/rotations, a moving
-    # average of the weights, best.pt chosen on 10% of the train scenes held out; about 17 minutes
+    # average of the weights, best.pt chosen on 10% of the train scenes held out; about 13 minutes
     # of training on 2 cores, stopped at 26 minutes on a slower machine. The uncertainty head learns
     # the SR's error (l1_reg_scale) on detached features, with error cues at the SR's resolution
-    # (scale_cues): only registered L1 reaches the SR.
+    # (scale_cues): only registered L1 reaches the SR. Then its last layers are fitted on the full
+    # training scenes (scale_fit_epochs, about 100 s): training saw patches, valid/predict see scenes.
     "cpu_real": dict(model="piunet", model_args=dict(n_feats=16, n_tefa=2, r_bneck=4, skip="baseline",
                                                     scale_detached=True, scale_cues=True), augment=True,
                      ema=0.995, holdout_fraction=0.1, device="cpu", max_minutes=26.0, epochs=45, batch_size=8,
