@@ -8,8 +8,9 @@ scenes. This fit closes that: after training, the last layers of the scale (the 
 ``scale_fit_layers``) are fitted to the registered Laplace loss of ``best.pt``'s own SR on the full
 training scenes, everything else frozen (BatchNorm statistics too: the model is in eval mode).
 Measured on ``cpu_real`` (3 passes, Adam 1e-2, the 10 held-out scenes, seeds 0-2): Spearman NIR
-+0.338/+0.320/+0.352 -> +0.367/+0.349/+0.380, RED unchanged (+0.316/+0.329/+0.319 ->
-+0.318/+0.328/+0.319), deciles within 25% of calibration NIR 2/2/3 -> 10/9/8, RED 6/7/7 -> 9/10/8.
++0.338/+0.320/+0.352 -> +0.362/+0.343/+0.379, RED unchanged (+0.316/+0.329/+0.319 ->
++0.316/+0.331/+0.319), deciles within 25% of calibration NIR 2/2/3 -> 6/5/9, RED 6/7/7 -> 7/8/8
+(BENCHMARKS.md).
 
 ``best.pt`` is rewritten (atomically) with the fitted weights and a ``scale_fit`` record; a
 ``best.pt`` that has one is left alone, so a resumed run that ends without a new best does not fit
