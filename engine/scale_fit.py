@@ -27,7 +27,7 @@ from tqdm import tqdm
 from utils.losses import registered_l1_uncertainty
 from utils.runtime import atomic_torch_save
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import model_from_checkpoint
 
 __all__ = ["scale_parameters", "fit_scale", "fit_best_scale"]
 
@@ -49,8 +49,8 @@ def fit_scale(model: nn.Module, dataset, epochs: int, lr: float, batch_size: int
     order drawn from ``seed``. Every other parameter and buffer is left as it was; the model is
     returned to eval mode. Returns the mean loss of each pass."""
     params = scale_parameters(model)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
+    trainable = [p for p in model.parameters() if p.requires_grad]  # as they were: restored at the end
+    for p in trainable:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
@@ -75,7 +75,7 @@ def fit_scale(model: nn.Module, dataset, epochs: int, lr: float, batch_size: int
                 total += loss.item() * len(idx)
             losses.append(total / len(dataset))
     finally:
-        for p in frozen:
+        for p in trainable:
             p.requires_grad_(True)
     return losses
 
@@ -88,10 +88,9 @@ def fit_best_scale(cfg, best: Path, device: torch.device, progress: bool = True)
 
     if not best.is_file():
         return None
-    ckpt = load_checkpoint(best)
+    model, ckpt = model_from_checkpoint(best)
     if ckpt.get("scale_fit"):
         return None
-    model, _ = model_from_checkpoint(best)
     model.to(device)
     scenes = build_dataset(cfg, "train", progress=progress)
     losses = fit_scale(model, scenes, cfg.scale_fit_epochs, cfg.scale_fit_lr, cfg.val_batch_size, device,
